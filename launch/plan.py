@@ -1,0 +1,87 @@
+"""What a launch will do, computed before anything starts: layout, size, tokens, memory per rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import Config, ModelConfig, grad_accum_steps
+
+
+def parameter_count(m: ModelConfig) -> int:
+    attention = m.hidden_size * m.head_dim * (2 * m.num_heads + 2 * m.kv_heads)
+    mlp = 3 * m.hidden_size * m.ffn_size
+    per_layer = attention + mlp + 2 * m.hidden_size
+    embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return embeddings + m.num_layers * per_layer + m.hidden_size
+
+
+def nproc_per_node(cfg: Config) -> int:
+    n = cfg.launcher.nproc_per_node
+    if n == "auto":
+        return torch.cuda.device_count() or 2
+    return int(n)
+
+
+@dataclass
+class Plan:
+    nnodes: int
+    nproc_per_node: int
+    tp: int
+    dp: int
+    zero_stage: int
+    parameters: int
+    tokens_per_step: int
+    grad_accum: int
+    memory_gib: dict[str, float]
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def describe(self) -> str:
+        mem = ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items())
+        return (f"plan: {self.nnodes} node(s) x {self.nproc_per_node} process(es) = {self.world_size} ranks "
+                f"= tp {self.tp} x dp {self.dp} | ZeRO-{self.zero_stage} | {self.parameters / 1e6:.1f}M parameters | "
+                f"{self.tokens_per_step:,} tokens/step (grad accum {self.grad_accum}) | "
+                f"est. memory per rank GiB: {mem}")
+
+
+def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[str, float]:
+    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), plus activations.
+
+    Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
+    (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
+    layer's worth plus each layer's input.
+    """
+    tp, z = cfg.parallel.tp, cfg.parallel.zero_stage
+    p = params / tp
+    weight_bytes, grad_bytes = (2, 2) if bf16 else (4, 4)
+    optim_bytes = 12 if bf16 else 8  # fp32 master copy (bf16 only) + two Adam moments
+    weights = p * weight_bytes / (dp if z >= 3 else 1)
+    grads = p * grad_bytes / (dp if z >= 2 else 1)
+    optim = p * optim_bytes / (dp if z >= 1 else 1)
+    t, m = cfg.train, cfg.model
+    per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
+    per_layer /= tp if cfg.parallel.sequence_parallel else 1
+    if m.activation_checkpointing == "full":
+        activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
+    else:
+        activations = per_layer * m.num_layers
+    gib = 1024**3
+    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib,
+            "activations": activations / gib, "total": (weights + grads + optim + activations) / gib}
+
+
+def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:
+    nnodes = nnodes or cfg.launcher.nnodes
+    nproc = nproc_per_node(cfg)
+    world = nnodes * nproc
+    dp = max(1, world // cfg.parallel.tp)
+    accum = grad_accum_steps(cfg, dp)
+    params = parameter_count(cfg.model)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    return Plan(nnodes=nnodes, nproc_per_node=nproc, tp=cfg.parallel.tp, dp=dp, zero_stage=cfg.parallel.zero_stage,
+                parameters=params, tokens_per_step=cfg.train.micro_batch_size * cfg.train.seq_len * accum * dp,
+                grad_accum=accum, memory_gib=estimate_memory_gib(cfg, params, dp, bf16))

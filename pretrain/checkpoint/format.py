@@ -1,0 +1,142 @@
+"""The on-disk checkpoint format, independent of any parallel layout.
+
+    <run.dir>/checkpoints/
+      latest                     name of the newest complete checkpoint (written last)
+      step_00000100/
+        manifest.json            format version, step, model config, layout it was saved from,
+                                 data position, RNG, resolved config, tensor index, file checksums
+        model-00000-of-00002.safetensors    full (TP=1) fp32 weights, split by tensor over writers
+        optim-00000-of-00002.safetensors    Adam moments in the same shapes: "<name>.exp_avg" ...
+        rng-00000.safetensors               per-rank RNG states (used when the layout is unchanged)
+
+A checkpoint is written into a hidden temp directory and renamed into place; `latest` is replaced
+atomically after that, so a crash at any point leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+              "tie_embeddings")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_latest(root: Path, name: str) -> None:
+    tmp = root / ".latest.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "latest")
+    fsync_dir(root)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it exists and is complete."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "manifest.json").exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which has no manifest.json; "
+                              f"point {pointer} at a complete step_* directory")
+    return path
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Accept a step directory, a checkpoints/ directory or a run directory."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "latest").exists():
+            found = latest_checkpoint(candidate)
+            if found is not None:
+                return found
+    if not (path / "manifest.json").exists():
+        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json and no latest pointer)")
+    return path
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt ({err}); use an earlier checkpoint") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r} is newer than this version of pretrain "
+                              f"reads ({FORMAT_VERSION}); upgrade pretrain")
+    return manifest
+
+
+def verify_files(ckpt: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+    """Check the named (default: all) files exist with the recorded size and sha256."""
+    files = manifest["files"]
+    for name in names if names is not None else list(files):
+        path = ckpt / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing; the checkpoint is incomplete, use an earlier one")
+        info = files[name]
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupt or truncated); use an earlier checkpoint")
+
+
+def check_model_shape(manifest: dict[str, Any], model_cfg: dict[str, Any], where: Path) -> None:
+    saved = manifest["model"]
+    diffs = [f"{k}={saved.get(k)} (this run: {model_cfg.get(k)})" for k in SHAPE_KEYS
+             if saved.get(k) != model_cfg.get(k)]
+    if diffs:
+        raise CheckpointError(f"{where}: checkpoint is for a different model: {', '.join(diffs)}; "
+                              "use the matching model config or another run.dir")
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names."""
+    if keep_last <= 0:
+        return
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").exists())
+    for old in done[:-keep_last]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)

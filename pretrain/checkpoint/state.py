@@ -1,0 +1,91 @@
+"""Read and write one parameter's full fp32 value and Adam moments under any ZeRO stage.
+
+DeepSpeed's safe_{get,set}_full_* functions cover ZeRO 1-3 and bf16; without a ZeRO wrapper (stage
+0 in fp32) the parameter and torch's optimizer state are used directly. Values here are TP-local:
+pretrain.parallel.sharding turns them into full tensors and back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from megatron.core import parallel_state
+
+from pretrain.parallel.engine import base_optimizer
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def get_param(param: torch.nn.Parameter) -> torch.Tensor:
+    value = safe_get_full_fp32_param(param)
+    return (value if value is not None else param.detach()).float().cpu()
+
+
+def get_moment(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    value = safe_get_full_optimizer_state(param, key)
+    if value is None:
+        value = base_optimizer(engine).state[param][key]
+    return value.float().cpu()
+
+
+def set_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    value = value.to(param.device, torch.float32)
+    if hasattr(param, "ds_id"):  # ZeRO-3: fp32 master partition, then this rank's compute partition
+        safe_set_full_fp32_param(param, value)
+        part = param.ds_tensor.numel()
+        flat = value.flatten()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        flat = F.pad(flat, (0, part * dp_size - flat.numel()))
+        start = part * parallel_state.get_data_parallel_rank()
+        param.ds_tensor.data.copy_(flat.narrow(0, start, part).to(param.ds_tensor.dtype))
+        return
+    if hasattr(param, "_hp_mapping"):
+        safe_set_full_fp32_param(param, value)
+    param.data.copy_(value.to(param.dtype))
+
+
+def set_moment(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    value = value.to(param.device, torch.float32)
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        safe_set_full_optimizer_state(param, value, key)
+    else:
+        base_optimizer(engine).state[param][key].copy_(value)
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step), dtype=state["step"].dtype, device=state["step"].device) \
+                if torch.is_tensor(state["step"]) else step
+
+
+@torch.no_grad()
+def materialize_optimizer_state(engine) -> None:
+    """Create every Adam moment now, before the first step.
+
+    torch's AdamW creates its state lazily, and DeepSpeed's ZeRO-1/2 links its per-parameter views
+    of that state right after its first step, one param group at a time; a group whose state did
+    not exist yet at that moment (our no-decay group) is never linked, so its moments could not be
+    saved. One step of the base optimizer with zero gradients and lr=0 creates all state and changes
+    no weight (AdamW's update and decoupled decay are both multiplied by lr); the step counts go
+    back to 0. Called once when the engine is built.
+    """
+    optimizer = base_optimizer(engine)
+    saved_lrs = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_grads = [p.grad for p in params]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, grad in zip(params, saved_grads):
+        p.grad = grad
+    for group, lr in zip(optimizer.param_groups, saved_lrs):
+        group["lr"] = lr
+    set_optimizer_step(engine, 0)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2: link every group's state now that it all exists
+        link()

@@ -1,0 +1,339 @@
+"""The configuration schema: one dataclass per Hydra group, validated before any worker starts.
+
+The dataclasses are the schema (registered in Hydra's ConfigStore, so an unknown key or a value of
+the wrong type is rejected by Hydra itself); the YAML files under conf/ are only presets.
+`compose()` is the single entry used by the launcher, by `pretrain.train` under torchrun and by
+the tests, so every path sees the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line naming the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Preset name, for logs and checkpoint manifests."""
+    vocab_size: int = 8192
+    """Embedding rows; must be >= the tokenizer's vocabulary and divisible by parallel.tp."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    """Grouped-query attention: key/value heads shared by num_heads/num_kv_heads query heads. None = num_heads."""
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner size. None = 8/3 * hidden_size rounded up to a multiple of 64."""
+    max_seq_len: int = 4096
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    attention: str = "auto"
+    """auto | flash | sdpa. auto = flash-attn when CUDA and the package are present, else SDPA."""
+    activation_checkpointing: str = "none"
+    """none | full (recompute each block) | selective (recompute attention core and activations)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; the data-parallel size is world_size / tp."""
+    sequence_parallel: bool = False
+    """Shard norms and activations along the sequence inside each tensor-parallel group."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3, sharding over the data-parallel group only."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"
+    """embedded = the corpus built from this Python installation; otherwise a prepared dataset."""
+    path: Optional[str] = None
+    """Directory written by tools/prepare_data.py (ignored for the embedded corpus)."""
+    cache_dir: str = "~/.cache/pretrain"
+    """Where the embedded corpus and its tokenizer are built once and reused."""
+    embedded_vocab_size: int = 8192
+    """Tokenizer size trained for the embedded corpus."""
+    verify_checksums: bool = False
+    """Hash every shard against the manifest before reading it."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = 1
+    global_batch_tokens: Optional[int] = None
+    """If set, grad_accum_steps is derived: global_batch_tokens / (micro_batch_size * seq_len * dp)."""
+    seed: int = 1234
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    eval_interval: int = 50
+    """Evaluate on held-out data every N steps (and at the end); 0 disables."""
+    eval_batches: int = 4
+    log_interval: int = 10
+    """Console progress every N steps (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every N steps and at the end; 0 = only at the end."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; 0 keeps all."""
+    resume: bool = True
+    """Resume automatically from <run.dir>/checkpoints/latest when present."""
+    init_from: Optional[str] = None
+    """Start a new run from this checkpoint's weights (for example one imported from Hugging Face)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+    """Everything a run writes: metrics.jsonl, config.yaml, checkpoints/."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"
+    """offline | online | disabled. online needs logging.project."""
+    project: Optional[str] = None
+
+
+@dataclass
+class LauncherConfig:
+    kind: str = "local"
+    """local (torch elastic launcher on this node) | slurm (srun inside an allocation, else sbatch)."""
+    nproc_per_node: Any = "auto"
+    """auto = number of GPUs, or 2 on a CPU-only machine."""
+    nnodes: int = 1
+    max_restarts: int = 0
+    """Elastic restarts of the whole worker group after a failure; each resumes from latest."""
+    rdzv_timeout: int = 300
+    """Seconds to wait for all nodes to join the rendezvous."""
+    rdzv_port: int = 29500
+    dry_run: bool = False
+    """Print the plan and the commands, start nothing."""
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    """SLURM time limit for submitted jobs (for example 04:00:00)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in [("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
+                        ("optim", OptimConfig), ("launcher", LauncherConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+_CHOICES = {
+    "model.attention": ("auto", "flash", "sdpa"),
+    "model.activation_checkpointing": ("none", "full", "selective"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "logging.wandb": ("offline", "online", "disabled"),
+    "launcher.kind": ("local", "slurm"),
+}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}: {message}")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError for the first invalid value. world_size is checked when known."""
+    for key, allowed in _CHOICES.items():
+        group, name = key.split(".")
+        value = getattr(getattr(cfg, group), name)
+        _check(value in allowed, key, f"got {value!r}; allowed values: {', '.join(allowed)}")
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+                       ("model.num_heads", m.num_heads), ("model.vocab_size", m.vocab_size),
+                       ("train.seq_len", t.seq_len), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.max_steps", t.max_steps),
+                       ("parallel.tp", p.tp)]:
+        _check(value > 0, key, f"must be a positive integer, got {value}")
+    _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; choose a divisor")
+    _check(m.kv_heads > 0 and m.num_heads % m.kv_heads == 0, "model.num_kv_heads",
+           f"{m.kv_heads} must divide model.num_heads={m.num_heads}")
+    _check(m.head_dim % 2 == 0, "model.num_heads", f"head size {m.head_dim} must be even for RoPE")
+    _check(t.seq_len <= m.max_seq_len, "train.seq_len",
+           f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"got {p.zero_stage}; allowed values: 0, 1, 2, 3")
+    for key, value in [("model.num_heads", m.num_heads), ("model.num_kv_heads", m.kv_heads),
+                       ("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_size)]:
+        _check(value % p.tp == 0, key, f"{value} is not divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel:
+        _check(t.seq_len % p.tp == 0, "train.seq_len",
+               f"{t.seq_len} must be divisible by parallel.tp={p.tp} with sequence parallelism")
+    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    nproc = cfg.launcher.nproc_per_node
+    _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
+           f"got {nproc!r}; use auto or a positive integer")
+    if cfg.data.name != "embedded":
+        _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
+               "(a directory written by tools/prepare_data.py)")
+    if cfg.logging.wandb == "online":
+        _check(bool(cfg.logging.project), "logging.project", "wandb=online needs a project name")
+    if world_size is not None:
+        _check(world_size % p.tp == 0, "parallel.tp",
+               f"world size {world_size} is not a multiple of parallel.tp={p.tp}")
+        dp = world_size // p.tp
+        if t.global_batch_tokens is not None:
+            per_step = t.micro_batch_size * t.seq_len * dp
+            _check(t.global_batch_tokens % per_step == 0, "train.global_batch_tokens",
+                   f"{t.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*dp={per_step}")
+
+
+def grad_accum_steps(cfg: Config, dp: int) -> int:
+    t = cfg.train
+    if t.global_batch_tokens is None:
+        return t.grad_accum_steps
+    return max(1, t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp))
+
+
+_HYDRA_KEY = re.compile(r"Key '([^']+)' (?:is )?not in")
+
+
+def _one_line(err: BaseException, overrides: list[str]) -> str:
+    """Hydra/OmegaConf errors span several lines and chained exceptions; users get one line."""
+    chain: list[str] = []
+    cause: BaseException | None = err
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__
+    text = "\n".join(chain)
+    full_key = re.search(r"full_key: (\S+)", text)
+    key = full_key.group(1) if full_key else None
+    if _HYDRA_KEY.search(text):
+        override = re.search(r"Could not override '([^']+)'", text)
+        key = override.group(1) if override else key
+        return (f"config error: unknown key '{key}'; check the spelling "
+                "(`python -m launch --cfg job` prints every key)")
+    bad_value = re.search(r"Value '([^']*)' (?:of type '[^']+' )?could not be converted to (\w+)", text)
+    if bad_value and key:
+        return f"config error: {key}: '{bad_value.group(1)}' is not a valid {bad_value.group(2)}"
+    if "Could not find" in text or "Could not load" in text:
+        line = next(l for l in text.splitlines() if "Could not" in l)
+        return f"config error: {line.strip()} (presets live in {CONF_DIR})"
+    first = next((l.strip() for l in text.splitlines() if l.strip()), type(err).__name__)
+    where = f"{key}: " if key else ""
+    return f"config error: {where}{first} (overrides: {' '.join(overrides)})"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), world_size: Optional[int] = None) -> Config:
+    """Compose conf/config.yaml with Hydra overrides, resolve and validate; ConfigError on any problem."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _register()
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=overrides)
+        OmegaConf.resolve(raw)
+        cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra raises several unrelated types for user mistakes
+        raise ConfigError(_one_line(err, overrides)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    cfg.run.dir = os.path.expanduser(cfg.run.dir)
+    cfg.data.cache_dir = os.path.expanduser(cfg.data.cache_dir)
+    validate(cfg, world_size)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> Config:
+    """Read a resolved config (as saved in run dirs and checkpoint manifests) back into the schema."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def as_dictconfig(cfg: Config) -> DictConfig:
+    return OmegaConf.structured(cfg)

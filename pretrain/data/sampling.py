@@ -1,0 +1,57 @@
+"""Deterministic randomness for the data pipeline: shard orders and mixture draws.
+
+Resuming a run must reproduce the exact same shard order years later, on any machine. NumPy and
+torch do not promise stable random streams across versions, so the few random decisions the
+pipeline makes come from splitmix64, a tiny, fully specified integer hash.
+"""
+
+from __future__ import annotations
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """One splitmix64 step: a well-mixed 64-bit hash of ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def hash_ints(*values: int) -> int:
+    """A 64-bit hash of a tuple of non-negative integers (order matters)."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h = splitmix64(h ^ splitmix64(v & _MASK64))
+    return h
+
+
+def uniform(*values: int) -> float:
+    """A uniform float in [0, 1) determined by ``values``."""
+    return (hash_ints(*values) >> 11) / float(1 << 53)
+
+
+def shard_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order of a split's shards in ``epoch``: a Fisher-Yates shuffle keyed by (seed, epoch)."""
+    order = list(range(num_shards))
+    for i in range(num_shards - 1, 0, -1):
+        j = hash_ints(seed, epoch, i) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def rank_shards(num_shards: int, seed: int, epoch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Shard indices that DP rank ``dp_rank`` reads in ``epoch``, in reading order.
+
+    Rank r takes permuted positions r, r + dp_size, ...: disjoint across ranks, covering all.
+    """
+    return shard_permutation(num_shards, seed, epoch)[dp_rank::dp_size]
+
+
+def choose_source(cumulative_weights: list[float], seed: int, dp_rank: int, draw: int) -> int:
+    """Which mixture source supplies sample number ``draw`` on this rank."""
+    u = uniform(seed, dp_rank, draw, 0x6D6978) * cumulative_weights[-1]
+    for i, edge in enumerate(cumulative_weights):
+        if u < edge:
+            return i
+    return len(cumulative_weights) - 1

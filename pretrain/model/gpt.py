@@ -1,0 +1,143 @@
+"""A Llama-style GPT: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+Activations are [seq, batch, hidden] (megatron's layout, so sequence parallelism splits dim 0).
+Every linear layer comes from pretrain.parallel.layers: how the model is split over ranks is a
+property of those layers, and this file reads the same for every layout. Module names follow
+Hugging Face's Llama so checkpoints convert by renaming alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.config import ModelConfig
+from pretrain.model.attention import ATTENTION
+from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, VocabEmbedding,
+                                      megatron_config, sum_replicated_grads_over_tp,
+                                      vocab_parallel_loss)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [b, s] -> cos, sin [s, b, 1, head_dim] in fp32."""
+        freqs = position_ids.t().float()[..., None] * self.inv_freq.to(position_ids.device)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate-half convention (pairs dimension i with i + d/2), the same as Hugging Face's Llama.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, backend: str, recompute_core: bool) -> None:
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.head_dim = cfg.head_dim
+        self.local_heads, self.local_kv_heads = cfg.num_heads // tp, cfg.kv_heads // tp
+        self.gather = SequenceGather(sequence_parallel, mp)
+        self.q_proj = ColumnLinear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, mp, sequence_parallel)
+        self.k_proj = ColumnLinear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, mp, sequence_parallel)
+        self.v_proj = ColumnLinear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, mp, sequence_parallel)
+        self.o_proj = RowLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, mp, sequence_parallel)
+        self.attention = ATTENTION[backend]
+        self.recompute_core = recompute_core
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.gather(x)
+        s, b, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(s, b, self.local_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(s, b, self.local_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(s, b, self.local_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # kernels take [b, s, heads, d]
+        if self.recompute_core:  # selective recompute: keep projections, recompute scores/softmax
+            out = checkpoint(self.attention, q, k, v, position_ids, use_reentrant=False)
+        else:
+            out = self.attention(q, k, v, position_ids)
+        return self.o_proj(out.transpose(0, 1).reshape(s, b, -1))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, recompute_activation: bool) -> None:
+        super().__init__()
+        self.gather = SequenceGather(sequence_parallel, mp)
+        self.gate_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
+        self.up_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
+        self.down_proj = RowLinear(cfg.ffn_size, cfg.hidden_size, mp, sequence_parallel)
+        self.recompute_activation = recompute_activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gather(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.recompute_activation:
+            hidden = checkpoint(swiglu, gate, up, use_reentrant=False)
+        else:
+            hidden = swiglu(gate, up)
+        return self.down_proj(hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, backend: str) -> None:
+        super().__init__()
+        selective = cfg.activation_checkpointing == "selective"
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, mp, sequence_parallel, backend, recompute_core=selective)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg, mp, sequence_parallel, recompute_activation=selective)
+
+    def forward(self, x, cos, sin, position_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, attention: str = "sdpa",
+                 on_cuda: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mp = megatron_config(on_cuda)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mp, sequence_parallel)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, mp, sequence_parallel, attention) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.gather = SequenceGather(sequence_parallel, mp)
+        self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, mp, sequence_parallel,
+                                    skip_weight=cfg.tie_embeddings)
+        self.recompute_blocks = cfg.activation_checkpointing == "full"
+        if sequence_parallel and mp.tensor_model_parallel_size > 1:
+            sum_replicated_grads_over_tp(self)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s] -> mean loss against labels, or vocab-sharded logits [b, s, v/tp]."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.rotary(position_ids)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.recompute_blocks:
+                x = checkpoint(layer, x, cos, sin, position_ids, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, position_ids)
+        x = self.gather(self.norm(x))
+        weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
+        logits = self.lm_head(x, weight=weight)  # [s, b, v/tp]
+        if labels is None:
+            return logits.transpose(0, 1)
+        return vocab_parallel_loss(logits, labels.t())

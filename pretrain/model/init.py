@@ -1,0 +1,40 @@
+"""Weight initialisation that depends only on (seed, parameter name), never on the layout.
+
+Each parameter's full tensor is drawn from its own generator and this rank keeps its TP shard,
+so TP=1 and TP=4 runs with the same seed start from the same model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+
+from pretrain.parallel.sharding import full_shape, shard
+
+
+def _std(name: str, init_std: float, num_layers: int) -> float:
+    # Projections that write into the residual stream are scaled down so the stream's variance
+    # does not grow with depth (GPT-2's 1/sqrt(2 * layers)).
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return init_std / math.sqrt(2 * num_layers)
+    return init_std
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) -> None:
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.empty(full_shape(param), dtype=torch.float32)
+        full.normal_(0.0, _std(name, init_std, num_layers), generator=generator)
+        param.copy_(shard(full, param))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the full (unsharded) model."""
+    return sum(full_shape(p).numel() for p in model.parameters())

@@ -1,0 +1,12 @@
+"""Parallel layout: process groups, tensor/sequence-parallel layers, the DeepSpeed engine."""
+
+import os
+import warnings
+
+import torch
+
+# DeepSpeed picks its accelerator at import time; without CUDA it must be told to use the CPU one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# megatron-core warns at import that optional CUDA extensions are absent; we use none of them.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

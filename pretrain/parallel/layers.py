@@ -1,0 +1,134 @@
+"""Tensor-parallel layers: megatron-core's, plus device-agnostic sequence parallelism.
+
+megatron-core's layers implement sequence parallelism with CUDA-only buffers. Here they are built
+with megatron's own sequence parallelism off and, when `sequence_parallel` is set, the layer
+gathers / reduce-scatters along the sequence with `pretrain.parallel.sequence`, which runs on any
+device. The model composes these layers and never branches on the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from pretrain.parallel.sequence import (
+    gather_from_sequence_parallel,
+    reduce_scatter_to_sequence_parallel,
+    scatter_to_sequence_parallel,
+)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are filled later by pretrain.model.init, identically for every layout."""
+
+
+def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
+    """Record how a weight is split (megatron only does this when it initialises the weight itself).
+
+    DeepSpeed reads `tensor_model_parallel` to count each shard once in the global gradient norm;
+    pretrain.parallel.sharding reads `partition_dim` to gather and split full tensors.
+    """
+    if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def megatron_config(on_cuda: bool) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        sequence_parallel=False,
+        use_cpu_initialization=not on_cuda,
+        perform_initialization=False,
+        params_dtype=torch.float32,
+    )
+
+
+class SequenceGather(torch.nn.Module):
+    """Before column-parallel layers: all-gather sequence shards (identity without SP).
+
+    One gather feeds q, k and v (or gate and up), instead of one per layer.
+    """
+
+    def __init__(self, sequence_parallel: bool, config: ModelParallelConfig) -> None:
+        super().__init__()
+        self.sp = sequence_parallel and config.tensor_model_parallel_size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp:
+            return gather_from_sequence_parallel(x, parallel_state.get_tensor_model_parallel_group())
+        return x
+
+
+class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+    """Output features split over the TP group; input replicated (gathered by SequenceGather under SP)."""
+
+    def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig,
+                 sequence_parallel: bool = False, skip_weight: bool = False) -> None:
+        # Under sequence parallelism SequenceGather's backward already reduce-scatters the input
+        # gradient, so megatron's all-reduce of it must be off.
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                         gather_output=False, skip_weight_param_allocation=skip_weight,
+                         disable_grad_reduce=sequence_parallel and config.tensor_model_parallel_size > 1)
+        _mark_sharded(self.weight, 0)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, weight=weight)[0]
+
+
+class RowLinear(tensor_parallel.RowParallelLinear):
+    """Input features split over the TP group; output summed (or reduce-scattered to sequence shards)."""
+
+    def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                         input_is_parallel=True, skip_bias_add=False)
+        _mark_sharded(self.weight, 1)
+        self.sp = sequence_parallel and config.tensor_model_parallel_size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.sp:
+            return reduce_scatter_to_sequence_parallel(F.linear(x, self.weight),
+                                                       parallel_state.get_tensor_model_parallel_group())
+        return super().forward(x)[0]
+
+
+class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """Vocabulary rows split over the TP group; returns [seq, batch, hidden] (sequence-sharded with SP)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, config: ModelParallelConfig,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__(vocab_size, hidden_size, init_method=_no_init, config=config)
+        _mark_sharded(self.weight, 0)
+        self.sp = sequence_parallel and config.tensor_model_parallel_size > 1
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        hidden = super().forward(input_ids.t()).contiguous()  # [b, s] ids -> [s, b, h]
+        if self.sp:
+            hidden = scatter_to_sequence_parallel(hidden, parallel_state.get_tensor_model_parallel_group())
+        return hidden
+
+
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss from vocab-sharded logits [s, b, v/tp]; full logits are never gathered."""
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.contiguous())
+    return per_token.mean()
+
+
+def sum_replicated_grads_over_tp(model: torch.nn.Module) -> None:
+    """Under sequence parallelism each TP rank sees only its sequence shard, so the gradients of
+    replicated parameters (the norms) are partial sums: add them up across the TP group as they
+    are produced, before DeepSpeed reduces over data parallel."""
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    for param in model.parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            param.sequence_parallel = True
+            param.register_hook(all_reduce)

@@ -1,0 +1,46 @@
+"""Full (TP=1) tensors <-> this rank's tensor-parallel shard.
+
+Initialisation and checkpoints both work on full tensors, so the same seed and the same checkpoint
+give the same model whatever the TP size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def partition_dim(param: torch.Tensor) -> int | None:
+    """The dimension a parameter is split along across TP ranks, or None if it is replicated."""
+    if getattr(param, "tensor_model_parallel", False):
+        return int(param.partition_dim)
+    return None
+
+
+def full_shape(param: torch.Tensor, local_shape: torch.Size | None = None) -> torch.Size:
+    shape = list(local_shape if local_shape is not None else param.shape)
+    dim = partition_dim(param)
+    if dim is not None:
+        shape[dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return torch.Size(shape)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of a full tensor laid out like `param`."""
+    dim = partition_dim(param)
+    if dim is None:
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return full.chunk(tp, dim=dim)[parallel_state.get_tensor_model_parallel_rank()]
+
+
+def gather(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """All-gather a TP shard (of a weight, or of its optimizer state) into the full tensor."""
+    dim = partition_dim(param)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if dim is None or tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)

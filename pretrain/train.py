@@ -1,0 +1,248 @@
+"""The training loop, and nothing else: `torchrun --nproc_per_node=N -m pretrain.train <overrides>`.
+
+The loop does not know the ZeRO stage or the TP size: the engine, the model's layers and the
+checkpoint module do. A SIGTERM/SIGUSR1 (sent before a SLURM time limit or by a preemption)
+finishes the current step, writes a checkpoint and exits 0; the next start resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
+from pretrain.data import TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
+from pretrain.model import GPT, count_parameters, init_weights
+from pretrain.model.attention import resolve_backend
+from pretrain.parallel.engine import build_engine, set_lr
+from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
+from megatron.core import parallel_state
+from pretrain.schedule import learning_rate
+
+
+def log(dims: ParallelDims, message: str) -> None:
+    if dims.is_main:
+        print(message, flush=True)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary with a checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank got the signal (all ranks must save together)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def dataset_dir(cfg: Config) -> Path:
+    if cfg.data.name == "embedded":
+        return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
+    return Path(cfg.data.path)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def mean_over_dp(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
+    loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
+                         seed=cfg.train.seed)
+    engine.eval()
+    total = torch.zeros((), device=dims.device)
+    batches = iter(loader)
+    for _ in range(cfg.train.eval_batches):
+        batch = next(batches)
+        total += engine(batch.input_ids.to(dims.device), batch.labels.to(dims.device),
+                        batch.position_ids.to(dims.device)).float()
+    engine.train()
+    return mean_over_dp(total / cfg.train.eval_batches)
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    dims: ParallelDims
+    engine: Any
+    data_dir: Path
+    loader: TokenLoader
+    precision: str
+    step: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.seq_len * self.engine.gradient_accumulation_steps() * self.dims.dp
+
+    def save(self, data_iter_state: dict) -> Path:
+        states: list[Any] = [None] * self.dims.world_size
+        dist.all_gather_object(states, data_iter_state)
+        dp_states = [states[r] for r in range(self.dims.world_size)
+                     if r % self.dims.tp == 0]  # TP ranks of one DP rank read the same data
+        meta = {
+            "optimizer_step": self.step, "consumed_tokens": self.step * self.tokens_per_step,
+            "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
+            "data": TokenLoader.merge_states(dp_states), "tokenizer": str(self.data_dir),
+            "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
+                       "precision": self.precision},
+        }
+        start = time.perf_counter()
+        path = checkpoint.save(self.engine, Path(self.cfg.run.dir) / "checkpoints", self.step, meta,
+                               self.cfg.checkpoint.keep_last)
+        log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s)")
+        return path
+
+    def run(self) -> list[dict[str, Any]]:
+        cfg, dims, engine = self.cfg, self.dims, self.engine
+        model_flops = flops_per_token(cfg.model, count_parameters(engine.module), cfg.train.seq_len)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        peak = peak_flops(dims.device, dtype) * dims.world_size
+        writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
+        wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
+                            to_dict(cfg), enabled=dims.is_main)
+        stop = StopSignal()
+        batches: Iterator = iter(self.loader)
+        first_step, run_start = self.step, time.perf_counter()
+        while self.step < cfg.train.max_steps:
+            start = time.perf_counter()
+            lr = learning_rate(self.step, cfg.optim, cfg.train.max_steps)
+            set_lr(engine, lr)
+            loss_sum = torch.zeros((), device=dims.device)
+            for _ in range(engine.gradient_accumulation_steps()):
+                batch = next(batches)
+                loss = engine(batch.input_ids.to(dims.device), batch.labels.to(dims.device),
+                              batch.position_ids.to(dims.device))
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float()
+            self.step += 1
+            loss_value = mean_over_dp(loss_sum / engine.gradient_accumulation_steps())
+            if dims.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            tokens_per_sec = self.tokens_per_step / elapsed
+            grad_norm = engine.get_global_grad_norm()
+            record = {"step": self.step, "loss": loss_value, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                      "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
+                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed}
+            self.records.append(record)
+            writer.write(record)
+            wandb.log(record, self.step)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
+            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps or self.step == first_step + 1:
+                done = self.step - first_step
+                eta = (time.perf_counter() - run_start) / done * (cfg.train.max_steps - self.step)
+                log(dims, console_line(record, cfg.train.max_steps, eta))
+            last = self.step == cfg.train.max_steps
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
+                eval_loss = evaluate(engine, self.data_dir, cfg, dims)
+                writer.write({"step": self.step, "eval_loss": eval_loss})
+                wandb.log({"eval_loss": eval_loss}, self.step)
+                log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
+            stopping = stop.agreed(dims.device)
+            interval = cfg.checkpoint.interval
+            if last or stopping or (interval and self.step % interval == 0):
+                self.save(self.loader.state_dict())
+            if stopping:
+                log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
+                          "checkpoint saved, resume by starting the same run again")
+                break
+        writer.close()
+        wandb.close()
+        return self.records
+
+
+def build(cfg: Config) -> Trainer:
+    device_kind = resolve_device(cfg.train.device)
+    dims = init_distributed(cfg.parallel.tp, device_kind)
+    torch.manual_seed(cfg.train.seed)
+    precision = resolve_precision(cfg.train.precision, dims.device)
+    data_dir = dataset_dir(cfg)
+    vocab = load_tokenizer(data_dir).get_vocab_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
+    backend = resolve_backend(cfg.model.attention, dims.device)
+    model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
+                on_cuda=dims.device.type == "cuda").to(dims.device)
+    init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
+    engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
+    checkpoint.materialize_optimizer_state(engine)
+    loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
+                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
+    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
+    log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
+              f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
+              f"{trainer.tokens_per_step} tokens/step")
+    resume(trainer)
+    if dims.is_main:
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
+    return trainer
+
+
+def resume(trainer: Trainer) -> None:
+    cfg, dims = trainer.cfg, trainer.dims
+    model_cfg = to_dict(cfg)["model"]
+    latest = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None:
+        manifest = checkpoint.load(trainer.engine, latest, model_cfg)
+        trainer.step = manifest["step"]
+        trainer.loader.load_state_dict(manifest["data"])
+        saved = manifest["layout"]
+        log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
+                  f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')})")
+    elif cfg.checkpoint.init_from:
+        source = checkpoint.resolve(cfg.checkpoint.init_from)
+        checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)
+        log(dims, f"initialised weights from {source}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        trainer = build(cfg)
+        trainer.run()
+    except (ConfigError, checkpoint.CheckpointError) as err:
+        print(f"{err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
