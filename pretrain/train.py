@@ -26,7 +26,7 @@ from pretrain.data import TokenLoader, load_tokenizer, prepare_embedded_corpus
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import build_engine, set_lr
+from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from megatron.core import parallel_state
 from pretrain.schedule import learning_rate
@@ -112,7 +112,7 @@ class Trainer:
         meta = {
             "optimizer_step": self.step, "consumed_tokens": self.step * self.tokens_per_step,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
-            "data": TokenLoader.merge_states(dp_states), "tokenizer": str(self.data_dir),
+            "data": self.loader.merge_states(dp_states), "tokenizer": str(self.data_dir),
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
                        "precision": self.precision},
         }
@@ -133,6 +133,7 @@ class Trainer:
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
+        reports_norm, norm = deepspeed_reports_grad_norm(engine), float("nan")
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
             lr = learning_rate(self.step, cfg.optim, cfg.train.max_steps)
@@ -143,6 +144,8 @@ class Trainer:
                 loss = engine(batch.input_ids.to(dims.device), batch.labels.to(dims.device),
                               batch.position_ids.to(dims.device))
                 engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and not reports_norm:
+                    norm = grad_norm(engine)
                 engine.step()
                 loss_sum += loss.detach().float()
             self.step += 1
@@ -151,9 +154,9 @@ class Trainer:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             tokens_per_sec = self.tokens_per_step / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            record = {"step": self.step, "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            if reports_norm:
+                norm = float(engine.get_global_grad_norm())
+            record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm,
                       "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
                       "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed}
             self.records.append(record)

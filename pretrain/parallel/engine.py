@@ -64,3 +64,24 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 def set_lr(engine, lr: float) -> None:
     for group in base_optimizer(engine).param_groups:
         group["lr"] = lr
+
+
+
+def deepspeed_reports_grad_norm(engine) -> bool:
+    """ZeRO and bf16 wrappers record the norm they clip with; plain fp32 DeepSpeed does not."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+
+
+def grad_norm(engine) -> float:
+    """Global gradient norm of the DP-reduced gradients (call between backward and step),
+    counting TP-replicated parameters once, as DeepSpeed does."""
+    from megatron.core import parallel_state
+
+    device = next(engine.module.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in engine.module.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False)
+                                   or parallel_state.get_tensor_model_parallel_rank() == 0):
+            total += p.grad.detach().double().pow(2).sum()
+    torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    return float(total.sqrt())

@@ -19,7 +19,9 @@ def partition_dim(param: torch.Tensor) -> int | None:
 
 
 def full_shape(param: torch.Tensor, local_shape: torch.Size | None = None) -> torch.Size:
-    shape = list(local_shape if local_shape is not None else param.shape)
+    if local_shape is None:  # under ZeRO-3 param.shape is empty and ds_shape is the TP-local shape
+        local_shape = getattr(param, "ds_shape", param.shape)
+    shape = list(local_shape)
     dim = partition_dim(param)
     if dim is not None:
         shape[dim] *= parallel_state.get_tensor_model_parallel_world_size()

@@ -199,7 +199,11 @@ def render_conf() -> tuple[str, str]:
         "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={JOBCOMP_LOG}",
         "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory",
+        # Cores are the consumable; memory is not (with CR_Core_Memory and no DefMemPerCPU every
+        # job would be given all of the node's memory, so jobs could only run one at a time).
+        "SelectTypeParameters=CR_Core",
+        # Never drain the node because the measured hardware differs from the NodeName line.
+        "SlurmdParameters=config_overrides",
         "SchedulerType=sched/backfill",
         # Fast scheduling: try to start jobs on every submit/completion, no batching delay.
         "SchedulerParameters=sched_interval=2,sched_min_interval=0,batch_sched_delay=0,"

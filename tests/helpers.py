@@ -1,0 +1,132 @@
+"""What every multi-process test uses: run a function in N gloo processes, train in-process,
+and feed identical synthetic batches to a DP layout and to its single-process reference."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+# A model small enough that a 4-process test step takes milliseconds on 2 cores.
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.vocab_size=1024", "data.embedded_vocab_size=1024", "train.seq_len=32",
+        "train.micro_batch_size=2", "train.eval_interval=0", "checkpoint.interval=0",
+        "optim.warmup_steps=2", "train.log_interval=1000", "logging.wandb=disabled", "train.device=cpu",
+        "train.precision=fp32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    try:
+        result = fn(*args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report any failure, including SystemExit, to the test
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        from pretrain.parallel.groups import destroy
+
+        destroy()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
+    """Run fn(*args) on world_size gloo ranks; return the per-rank results (rank order)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not errors else 5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("distributed worker failed: " + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+class SyntheticBatches:
+    """Random token batches, identical for a given (seed, step, DP rank) in any layout.
+
+    `ranks` lists the DP ranks whose micro-batches this process concatenates: a DP=2 run gives
+    rank r [r]; its single-process reference gives [0, 1] and so sees the same global batch.
+    """
+
+    def __init__(self, vocab: int, seq_len: int, micro_batch: int, ranks: list[int], seed: int = 0) -> None:
+        self.vocab, self.seq_len, self.micro_batch, self.ranks, self.seed = vocab, seq_len, micro_batch, ranks, seed
+
+    def _one(self, step: int, rank: int):
+        # Arithmetic progressions mod vocab: random, but learnable, so losses fall within a few steps.
+        g = torch.Generator().manual_seed(self.seed * 1_000_000 + step * 100 + rank)
+        start = torch.randint(0, self.vocab, (self.micro_batch, 1), generator=g)
+        stride = torch.randint(1, 4, (self.micro_batch, 1), generator=g)
+        tokens = (start + stride * torch.arange(self.seq_len + 1)) % self.vocab
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def __iter__(self):
+        from pretrain.data import Batch
+
+        step = 0
+        while True:
+            parts = [self._one(step, r) for r in self.ranks]
+            ids = torch.cat([p[0] for p in parts])
+            labels = torch.cat([p[1] for p in parts])
+            positions = torch.arange(self.seq_len).expand_as(ids)
+            yield Batch(input_ids=ids, labels=labels, position_ids=positions)
+            step += 1
+
+    def state_dict(self) -> dict:
+        return {}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def train(overrides: list[str], run_dir: str, synthetic: bool | list[int] = False) -> tuple[list[dict], Any]:
+    """Build and run a trainer in this process (a rank of run_distributed, or alone).
+
+    synthetic=True feeds this DP rank's synthetic batches; a list of DP ranks concatenates theirs
+    (the single-process reference of a DP run).
+    """
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    cfg = compose([*overrides, f"run.dir={run_dir}"], world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = build(cfg)
+    if synthetic is not False:
+        ranks = [trainer.dims.dp_rank] if synthetic is True else synthetic
+        trainer.loader = SyntheticBatches(cfg.model.vocab_size, cfg.train.seq_len,
+                                          cfg.train.micro_batch_size // len(ranks), ranks, seed=cfg.train.seed)
+    records = trainer.run()
+    return records, trainer
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records if "loss" in r]
