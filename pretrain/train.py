@@ -22,7 +22,7 @@ import torch.distributed as dist
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         trainer = build(cfg)
         trainer.run()
-    except (ConfigError, checkpoint.CheckpointError) as err:
+    except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError) as err:
         print(f"{err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -1,0 +1,68 @@
+"""A bad configuration fails before any worker starts, with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, compose, from_yaml, to_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.foo=1", "train.foo"),
+    ("parallel.zero_stage=5", "parallel.zero_stage"),
+    ("train.seq_len=0", "train.seq_len"),
+    ("train.seq_len=-3", "train.seq_len"),
+    ("model.num_heads=3", "model.num_heads"),
+    ("model.num_kv_heads=3", "model.num_kv_heads"),
+    ("model.attention=fast", "model.attention"),
+    ("parallel.tp=abc", "parallel.tp"),
+    ("optim.schedule=step", "optim.schedule"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_value_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    message = str(err.value)
+    assert "\n" not in message
+    assert key in message
+
+
+def test_unknown_preset_names_the_group() -> None:
+    with pytest.raises(ConfigError, match="model/huge"):
+        compose(["model=huge"])
+
+
+def test_world_size_must_be_a_multiple_of_tp() -> None:
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        compose(["parallel.tp=2"], world_size=3)
+
+
+def test_presets_compose_and_round_trip_through_yaml() -> None:
+    for model in ("tiny", "125m", "350m", "1b", "7b"):
+        cfg = compose([f"model={model}"])
+        assert cfg.model.name == model
+        assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def test_overrides_reach_the_config() -> None:
+    cfg = compose(["train.max_steps=20", "parallel.zero_stage=3", "run.dir=/tmp/r1", "experiment=gpt125m_8gpu"])
+    assert (cfg.train.max_steps, cfg.parallel.zero_stage, cfg.run.dir) == (20, 3, "/tmp/r1")
+    assert cfg.model.name == "125m" and cfg.train.global_batch_tokens == 524288
+
+
+@pytest.mark.parametrize("override, key", [("parallel.zero_stage=5", "parallel.zero_stage"),
+                                           ("train.bogus=1", "train.bogus")])
+def test_launch_rejects_bad_config_before_starting_workers(tmp_path: Path, override: str, key: str) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "launch", override, f"run.dir={run_dir}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not run_dir.exists()  # nothing started, nothing written

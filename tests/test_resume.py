@@ -1,0 +1,45 @@
+"""Resuming from a checkpoint continues exactly: same losses and bit-identical final weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY, losses, run_distributed, train
+
+RUN = TINY + ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep_last=0", "parallel.zero_stage=1"]
+
+
+def _train(run_dir: str) -> list[dict]:
+    records, _ = train(RUN, run_dir)
+    return records
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("model-*.safetensors")) + sorted(ckpt.glob("optim-*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    uninterrupted = run_distributed(_train, 2, str(full))[0]
+    assert [r["step"] for r in uninterrupted] == list(range(1, 9))
+
+    # A run that stopped right after its step-4 checkpoint: only that checkpoint exists.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
+    continued = run_distributed(_train, 2, str(resumed))[0]
+
+    assert [r["step"] for r in continued] == [5, 6, 7, 8]
+    assert losses(continued) == losses(uninterrupted)[4:]  # exact float equality, not a tolerance
+    a = _weights(full / "checkpoints" / "step_00000008")
+    b = _weights(resumed / "checkpoints" / "step_00000008")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
