@@ -7,6 +7,7 @@ overrides and compose the same configuration.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import pretrain.parallel  # noqa: F401
@@ -40,25 +41,34 @@ def main(argv: list[str] | None = None) -> int:
         if show_cfg:
             print(to_yaml(cfg))
             return 0
-        plan = make_plan(cfg)
+        nnodes = None
+        if cfg.launcher.kind == "slurm":
+            from launch import slurm
+
+            if slurm.in_allocation():  # the allocation decides the nodes; the job name the run
+                overrides = slurm.job_overrides(overrides)
+                cfg = compose(overrides)
+                nnodes = slurm.allocation_nodes()
+        plan = make_plan(cfg, nnodes)
         compose(overrides, world_size=plan.world_size)  # layout checks that need the world size
+        print(plan.describe(), flush=True)
+        if cfg.launcher.kind == "slurm":
+            command, env = slurm.slurm_command(cfg, plan, overrides), {}
+        else:
+            from launch.local import torchrun_command, worker_env
+
+            command, env = torchrun_command(cfg, plan, overrides), worker_env(cfg, dict(os.environ))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    print(plan.describe(), flush=True)
-    if cfg.launcher.kind == "slurm":
-        from launch.slurm import slurm_command
-
-        command = slurm_command(cfg, plan, overrides)
-    else:
-        from launch.local import torchrun_command
-
-        command = torchrun_command(cfg, plan, overrides)
-    print("command: " + " ".join(command), flush=True)
+    print("command: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "")
+          + shlex.join(command), flush=True)
     if dry_run or cfg.launcher.dry_run:
         return 0
-    os.makedirs(cfg.run.dir, exist_ok=True)
-    # Replace this process, so signals from SLURM or the user reach the launcher directly.
+    if not command[0].endswith("sbatch"):  # a submitted job creates its run.dir itself
+        os.makedirs(cfg.run.dir, exist_ok=True)
+    os.environ.update(env)
+    # Replace this process, so signals from SLURM or the user reach the agent (or srun) directly.
     os.execvp(command[0], command)
 
 

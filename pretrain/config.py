@@ -157,11 +157,20 @@ class LauncherConfig:
     nproc_per_node: Any = "auto"
     """auto = number of GPUs, or 2 on a CPU-only machine."""
     nnodes: int = 1
+    """Nodes to run on. Under SLURM the allocation decides (sbatch --nodes); elsewhere > 1 needs rdzv_endpoint."""
     max_restarts: int = 0
     """Elastic restarts of the whole worker group after a failure; each resumes from latest."""
     rdzv_timeout: int = 300
-    """Seconds to wait for all nodes to join the rendezvous."""
-    rdzv_port: int = 29500
+    """Seconds to wait for all nodes to join the rendezvous (or to reach its host) before failing."""
+    rdzv_port: Optional[int] = None
+    """Rendezvous port. None = derived from the SLURM job id (so jobs sharing a node differ), else 29500."""
+    rdzv_endpoint: Optional[str] = None
+    """host[:port] of the rendezvous for a multi-node launch without SLURM; start one launcher per node."""
+    local_addr: Optional[str] = None
+    """This node's address as the other nodes reach it. Picks the network interface for gloo/NCCL and,
+    when it is the rdzv_endpoint host, makes this node the rendezvous host (for hosts whose names do not resolve)."""
+    shutdown_timeout: int = 300
+    """Seconds the agent gives workers to checkpoint and exit after SIGTERM before it kills them."""
     dry_run: bool = False
     """Print the plan and the commands, start nothing."""
     partition: Optional[str] = None

@@ -1,0 +1,76 @@
+"""`python -m launch.agent <torchrun arguments>`: torch's elastic agent (torchrun), with two changes.
+
+* SIGUSR1 (SLURM's warning before a time limit or a preemption) is passed on to the workers, which
+  checkpoint and exit 0; the agent keeps running and then exits 0 as after any finished run.
+  Plain torchrun dies of SIGUSR1 (its default action), and with it the workers, unsaved.
+  SIGTERM/SIGINT/HUP/QUIT keep torchrun's own handling: it passes them on, waits
+  --shutdown_timeout seconds, then kills the workers.
+* A rendezvous that cannot form fails with one line naming its endpoint, instead of a bare
+  RendezvousTimeoutError traceback.
+
+Everything else, arguments included, is torchrun's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _children() -> list[int]:
+    """Direct children of this process: the workers (torchrun starts them with subprocess)."""
+    me, pids = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _pass_on(signum: int, frame: object) -> None:
+    for pid in _children():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _option(argv: list[str], name: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import main as torchrun
+
+    signal.signal(signal.SIGUSR1, _pass_on)
+    # By default the workers of every restart share the rendezvous's TCPStore, where the previous
+    # group's keys remain: after an elastic restart gloo then connects to the dead workers'
+    # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    try:
+        torchrun(argv)
+    except RendezvousError as err:
+        endpoint = _option(argv, "rdzv_endpoint", "?")
+        nnodes = _option(argv, "nnodes", "?")
+        timeout = _option(argv, "rdzv_conf", "").partition("join_timeout=")[2].split(",")[0] or "?"
+        print(f"launch: rendezvous at {endpoint} failed ({type(err).__name__}): {nnodes} node(s) did not all "
+              f"join within {timeout}s. Check that every node started its launcher, that {endpoint} is "
+              "reachable from each node, and launcher.rdzv_timeout.", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

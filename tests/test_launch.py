@@ -1,0 +1,109 @@
+"""`python -m launch`: the plan and the exact commands (dry run), and elastic restarts that resume
+from the latest checkpoint after a worker dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import TINY
+
+import launch.__main__ as launch_main
+import launch.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_local_prints_plan_and_torchrun_command(capsys):
+    assert launch_main.main(["--dry-run", *TINY, "launcher.nproc_per_node=2", "launcher.max_restarts=3"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 node(s) x 2 process(es) = 2 ranks = tp 1 x dp 2 | ZeRO-1" in out
+    assert "tokens/step" in out and "est. memory per rank" in out
+    command = out.split("command: ", 1)[1]
+    assert "-m launch.agent --nproc_per_node=2 --standalone --max_restarts=3" in command
+    assert "-m pretrain.train model.hidden_size=64" in command
+
+
+def test_dry_run_multinode_without_slurm_names_rendezvous():
+    out = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                          "launcher.rdzv_endpoint=127.0.0.1:29411", "launcher.local_addr=127.0.0.1",
+                          "launcher.rdzv_timeout=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "GLOO_SOCKET_IFNAME=lo" in out.stdout  # the interface of launcher.local_addr
+    assert ("--nnodes=2 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:29411 --rdzv_id=pretrain-default "
+            "--rdzv_conf=join_timeout=7,read_timeout=7,is_host=1 --local_addr=127.0.0.1") in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "launcher.nnodes=2"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 2 and "launcher.rdzv_endpoint" in missing.stderr
+
+
+def test_dry_run_slurm_outside_allocation_prints_sbatch(capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert launch_main.main(["--dry-run", "launcher=slurm", "model=1b", "parallel.tp=2", "launcher.nnodes=2",
+                             "launcher.partition=gpu", "launcher.time=04:00:00"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 2 node(s)" in out
+    command = out.split("command: ", 1)[1].split()
+    assert command[0].endswith("sbatch")
+    assert command[1:4] == ["--nodes=2", "--partition=gpu", "--time=04:00:00"]
+    assert command.index(str(REPO / "slurm" / "pretrain.sh")) < command.index("model=1b")
+    assert "launcher=slurm" not in command  # the script adds it; Hydra rejects it twice
+
+
+def test_dry_run_slurm_inside_allocation_prints_srun(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "my-run")
+    monkeypatch.setattr(launch.slurm, "first_node", lambda: "gpu-node-007")
+    assert launch_main.main(["--dry-run", "launcher=slurm", *TINY, "launcher.nproc_per_node=4"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 2 node(s) x 4 process(es) = 8 ranks" in out
+    command = out.split("command: ", 1)[1].split()
+    assert command[0].endswith("srun")
+    assert ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] == command[1:5]
+    port = launch.slurm.PORT_BASE + 4242 % launch.slurm.PORT_RANGE
+    for arg in ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d", f"--rdzv_endpoint=gpu-node-007:{port}",
+                "--rdzv_id=slurm-4242", "run.name=my-run"]:  # the run is named after the job, so it resumes
+        assert arg in command
+
+
+def _workers(pid: int) -> list[int]:
+    """Worker processes (children running pretrain.train) of the agent with this pid."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"pretrain.train" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_elastic_restart_resumes_after_a_worker_is_killed(tmp_path):
+    run_dir, steps = tmp_path / "run", 300
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "launch", *TINY, f"train.max_steps={steps}",
+                                  "checkpoint.interval=20", "launcher.nproc_per_node=2", "launcher.max_restarts=1",
+                                  f"run.dir={run_dir}"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        victims = _workers(agent.pid)
+        assert len(victims) == 2, victims
+        os.kill(victims[1], signal.SIGKILL)
+        assert agent.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    text = log.read_text()
+    assert "resuming from" in text, text[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
