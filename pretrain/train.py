@@ -112,14 +112,16 @@ class Trainer:
         meta = {
             "optimizer_step": self.step, "consumed_tokens": self.step * self.tokens_per_step,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
-            "data": self.loader.merge_states(dp_states), "tokenizer": str(self.data_dir),
+            "data": self.loader.merge_states(dp_states), "tokenizer": {"dataset_dir": str(self.data_dir)},
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
                        "precision": self.precision},
         }
         start = time.perf_counter()
         path = checkpoint.save(self.engine, Path(self.cfg.run.dir) / "checkpoints", self.step, meta,
                                self.cfg.checkpoint.keep_last)
-        log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s)")
+        if self.dims.is_main:
+            size = sum(f.stat().st_size for f in path.iterdir())
+            log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
     def run(self) -> list[dict[str, Any]]:
@@ -220,13 +222,14 @@ def resume(trainer: Trainer) -> None:
     cfg, dims = trainer.cfg, trainer.dims
     model_cfg = to_dict(cfg)["model"]
     latest = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
+    start = time.perf_counter()
     if latest is not None:
         manifest = checkpoint.load(trainer.engine, latest, model_cfg)
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
         saved = manifest["layout"]
         log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
-                  f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')})")
+                  f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
     elif cfg.checkpoint.init_from:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
         checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)

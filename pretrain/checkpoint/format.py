@@ -8,9 +8,19 @@
         model-00000-of-00002.safetensors    full (TP=1) fp32 weights, split by tensor over writers
         optim-00000-of-00002.safetensors    Adam moments in the same shapes: "<name>.exp_avg" ...
         rng-00000.safetensors               per-rank RNG states (used when the layout is unchanged)
+        tokenizer.json           a copy of the run's tokenizer (for Hugging Face export)
+      .tmp-step_00000200/        a save in progress (or one interrupted by a crash): never read,
+                                 removed by the next save
 
 A checkpoint is written into a hidden temp directory and renamed into place; `latest` is replaced
 atomically after that, so a crash at any point leaves the previous checkpoint intact and pointed to.
+
+Manifest keys: format_version, step, optimizer_step, consumed_tokens, model (the ModelConfig),
+config (the whole resolved config), layout (tp, dp, zero_stage, precision, world_size: what it was
+saved from; informational, any layout loads it), data (the loader's merged position), tokenizer
+({dataset_dir, file, vocab_size}), tensors ({name: {file, optim_file, shape, tp_partition_dim}};
+optim_file is absent in weights-only checkpoints such as Hugging Face imports), files ({name:
+{bytes, sha256}} for every file but the manifest).
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ from typing import Any
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
               "tie_embeddings")
+TOKENIZER_FILE = "tokenizer.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state saved per parameter, as "<name>.<moment>"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -107,6 +120,9 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r} is newer than this version of pretrain "
                               f"reads ({FORMAT_VERSION}); upgrade pretrain")
+    missing = [k for k in ("step", "model", "tensors", "files", "layout") if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt (no {', '.join(missing)}); use an earlier checkpoint")
     return manifest
 
 
@@ -122,17 +138,52 @@ def verify_files(ckpt: Path, manifest: dict[str, Any], names: list[str] | None =
             raise CheckpointError(f"{path}: checksum mismatch (corrupt or truncated); use an earlier checkpoint")
 
 
+def effective_shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The shape keys with defaults resolved (num_kv_heads=None means num_heads, and so on)."""
+    from pretrain.config import ModelConfig
+
+    cfg = ModelConfig(**{k: model_cfg[k] for k in SHAPE_KEYS if k in model_cfg})
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, ffn_hidden_size=cfg.ffn_size,
+                tie_embeddings=cfg.tie_embeddings)
+
+
 def check_model_shape(manifest: dict[str, Any], model_cfg: dict[str, Any], where: Path) -> None:
-    saved = manifest["model"]
-    diffs = [f"{k}={saved.get(k)} (this run: {model_cfg.get(k)})" for k in SHAPE_KEYS
-             if saved.get(k) != model_cfg.get(k)]
+    saved, run = effective_shape(manifest["model"]), effective_shape(model_cfg)
+    diffs = [f"model.{k}={saved[k]} (this run: {run[k]})" for k in SHAPE_KEYS if saved[k] != run[k]]
     if diffs:
-        raise CheckpointError(f"{where}: checkpoint is for a different model: {', '.join(diffs)}; "
+        raise CheckpointError(f"{where / 'manifest.json'}: checkpoint is for a different model: {', '.join(diffs)}; "
                               "use the matching model config or another run.dir")
 
 
+def tokenizer_source(dataset_dir: str | Path) -> Path | None:
+    """The tokenizer file of a dataset directory (as pretrain.data.load_tokenizer finds it), if any."""
+    from pretrain.data.manifest import MANIFEST_NAME, DatasetError
+    from pretrain.data.manifest import read_manifest as read_dataset_manifest
+
+    root = Path(dataset_dir)
+    path = root / TOKENIZER_FILE
+    if (root / MANIFEST_NAME).is_file():
+        try:
+            info = read_dataset_manifest(root).tokenizer
+        except DatasetError:
+            return None
+        path = root / info.file if info is not None else path
+    return path if path.is_file() else None
+
+
+def remove_interrupted(root: Path) -> None:
+    """Delete the temp directories of saves that never finished (a crash or kill mid-save)."""
+    for tmp in root.glob(f"{TMP_PREFIX}step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prune(root: Path, keep_last: int) -> None:
-    """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names."""
+    """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names.
+
+    Only step_* directories with a manifest count as complete: a temp directory is never one of
+    the kept, and is never mistaken for the newest.
+    """
     if keep_last <= 0:
         return
     latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None

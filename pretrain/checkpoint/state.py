@@ -13,9 +13,11 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from megatron.core import parallel_state
 
+from pretrain.checkpoint.format import MOMENTS
 from pretrain.parallel.engine import base_optimizer
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+__all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "set_optimizer_step",
+           "materialize_optimizer_state"]
 
 
 def get_param(param: torch.nn.Parameter) -> torch.Tensor:
@@ -71,8 +73,14 @@ def materialize_optimizer_state(engine) -> None:
     saved. One step of the base optimizer with zero gradients and lr=0 creates all state and changes
     no weight (AdamW's update and decoupled decay are both multiplied by lr); the step counts go
     back to 0. Called once when the engine is built.
+
+    ZeRO-3 hands its fp32 partitions to the base optimizer only for the duration of each step
+    (its param groups are empty otherwise), so they are put in place around this step too.
     """
     optimizer = base_optimizer(engine)
+    zero3 = getattr(engine.optimizer, "_set_fp32_optimizer_param_groups", None)
+    if zero3 is not None:
+        zero3()
     saved_lrs = [group["lr"] for group in optimizer.param_groups]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_grads = [p.grad for p in params]
@@ -85,6 +93,8 @@ def materialize_optimizer_state(engine) -> None:
         p.grad = grad
     for group, lr in zip(optimizer.param_groups, saved_lrs):
         group["lr"] = lr
+    if zero3 is not None:
+        engine.optimizer._clear_fp32_optimizer_param_groups()
     set_optimizer_step(engine, 0)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2: link every group's state now that it all exists
