@@ -1,0 +1,170 @@
+"""The model alone, in one process: document masking, RoPE per document, GQA, parameter count,
+tied embeddings and activation checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import TINY, free_port
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    """megatron-core's layers need a (TP=1) process group; this one lives only for this module."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if started:
+        dist.destroy_process_group()
+
+
+def model_config(*overrides: str, **changes):
+    from pretrain.config import compose
+
+    return dataclasses.replace(compose([*TINY, *overrides]).model, **changes)
+
+
+def build(cfg, seed: int = 1234):
+    from pretrain.model import GPT, init_weights
+
+    model = GPT(cfg, attention="sdpa")
+    init_weights(model, seed, cfg.init_std, cfg.num_layers)
+    return model
+
+
+def packed(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+# --- documents packed in one row ------------------------------------------------------------
+
+def test_tokens_of_one_document_do_not_change_logits_of_the_next() -> None:
+    model = build(model_config())
+    positions = packed([12, 20])
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, :12] = (changed[0, :12] + 17) % 1024
+    with torch.no_grad():
+        before, after = model(ids, position_ids=positions), model(changed, position_ids=positions)
+    assert not torch.allclose(before[0, :12], after[0, :12])  # document 1 itself did change
+    torch.testing.assert_close(before[0, 12:], after[0, 12:], rtol=0, atol=1e-6)
+
+
+def test_packed_document_gives_the_logits_it_has_alone() -> None:
+    """Masking plus positions that restart at 0: a document's logits do not depend on what precedes it."""
+    model = build(model_config())
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        in_pack = model(ids, position_ids=packed([12, 20]))[0, 12:]
+        alone = model(ids[:, 12:])[0]
+    torch.testing.assert_close(in_pack, alone, rtol=0, atol=1e-5)
+
+
+def test_rope_positions_restart_per_document() -> None:
+    from pretrain.model.gpt import RotaryEmbedding, apply_rotary
+
+    rope = RotaryEmbedding(head_dim=16, theta=10000.0)
+    cos, sin = rope(packed([5, 7]))  # [s, b, 1, d]
+    fresh_cos, fresh_sin = rope(torch.arange(7)[None])
+    assert torch.equal(cos[5:], fresh_cos) and torch.equal(sin[5:], fresh_sin)
+    x = torch.randn(12, 1, 2, 16)
+    rotated = apply_rotary(x, cos, sin)
+    assert torch.equal(rotated[5], x[5])  # position 0 (a document start) is not rotated
+    assert not torch.allclose(rotated[6], x[6])
+
+
+def test_document_mask_is_block_diagonal_causal() -> None:
+    """SDPA with packed positions equals attending within each document separately."""
+    from pretrain.model.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 12, 2, 8, generator=g) for _ in range(3))
+    out = sdpa_attention(q, k, v, packed([5, 7]))
+    first = sdpa_attention(q[:, :5], k[:, :5], v[:, :5], None)
+    second = sdpa_attention(q[:, 5:], k[:, 5:], v[:, 5:], None)
+    torch.testing.assert_close(out, torch.cat([first, second], dim=1))
+
+
+# --- grouped-query attention ----------------------------------------------------------------
+
+def test_gqa_projection_shapes() -> None:
+    cfg = model_config("model.num_heads=4", "model.num_kv_heads=2")
+    attn = build(cfg).layers[0].self_attn
+    head_dim = cfg.hidden_size // 4
+    assert attn.q_proj.weight.shape == (4 * head_dim, cfg.hidden_size)
+    assert attn.k_proj.weight.shape == (2 * head_dim, cfg.hidden_size)
+    assert attn.v_proj.weight.shape == (2 * head_dim, cfg.hidden_size)
+    assert attn.o_proj.weight.shape == (cfg.hidden_size, 4 * head_dim)
+    assert build(cfg)(torch.zeros(2, 32, dtype=torch.long)).shape == (2, 32, cfg.vocab_size)
+
+
+def test_gqa_shares_each_kv_head_among_its_query_heads() -> None:
+    from pretrain.model.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 10, 4, 8, generator=g)
+    k, v = (torch.randn(2, 10, 2, 8, generator=g) for _ in range(2))
+    grouped = sdpa_attention(q, k, v, None)
+    repeated = sdpa_attention(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2), None)
+    torch.testing.assert_close(grouped, repeated)
+
+
+# --- size and weight tying ------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model.tie_embeddings=true"], ["model.num_kv_heads=1", "model.ffn_hidden_size=100"],
+    ["model=125m", "model.num_layers=2"],  # the 125m shape (tied, MHA), fewer layers to build quickly
+], ids=["tiny", "tied", "mqa-custom-ffn", "125m-shape"])
+def test_parameter_count_matches_the_planner(overrides: list[str]) -> None:
+    from launch.plan import parameter_count
+    from pretrain.model import GPT, count_parameters
+
+    cfg = model_config(*overrides)
+    model = GPT(cfg, attention="sdpa")
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) == parameter_count(cfg)
+
+
+def test_tied_embeddings_share_one_matrix_for_input_and_output() -> None:
+    """Tied: no lm_head weight; logits and gradients equal an untied model whose head is a copy of
+    the embedding, with the embedding's gradient the sum of both uses."""
+    tied = build(model_config("model.tie_embeddings=true"))
+    untied = build(model_config())
+    with torch.no_grad():
+        for name, p in tied.named_parameters():
+            dict(untied.named_parameters())[name].copy_(p)
+        untied.lm_head.weight.copy_(tied.embed_tokens.weight)
+    assert tied.lm_head.weight is None and not any("lm_head" in n for n, _ in tied.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    ids, labels = (torch.randint(0, 1024, (2, 32), generator=g) for _ in range(2))
+    tied(ids, labels).backward()
+    untied(ids, labels).backward()
+    torch.testing.assert_close(tied.embed_tokens.weight.grad,
+                               untied.embed_tokens.weight.grad + untied.lm_head.weight.grad)
+    for name, p in tied.named_parameters():
+        if name != "embed_tokens.weight":
+            torch.testing.assert_close(p.grad, dict(untied.named_parameters())[name].grad)
+
+
+# --- activation checkpointing ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_grads(mode: str) -> None:
+    def grads(checkpointing: str) -> dict[str, torch.Tensor]:
+        model = build(model_config(f"model.activation_checkpointing={checkpointing}"))
+        g = torch.Generator().manual_seed(5)
+        ids, labels = (torch.randint(0, 1024, (2, 32), generator=g) for _ in range(2))
+        model(ids, labels, packed([10, 22]).expand(2, -1)).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    reference, recomputed = grads("none"), grads(mode)
+    for name, grad in reference.items():
+        assert torch.equal(recomputed[name], grad), name
