@@ -7,7 +7,6 @@ uid 0) so the same documents always produce byte-identical shards and checksums.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -16,17 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.manifest import DatasetError, ShardInfo
+from pretrain.files import sha256_file
 
 _REBUILD = "re-create the dataset with tools/prepare_data.py (embedded corpus: delete its directory to rebuild)"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -86,7 +77,7 @@ class ShardWriter:
     def _close_shard(self) -> None:
         assert self._tar is not None and self._path is not None
         self._tar.close()
-        self.shards.append(ShardInfo(self._path.name, self._docs, self._tokens, file_sha256(self._path)))
+        self.shards.append(ShardInfo(self._path.name, self._docs, self._tokens, sha256_file(self._path)))
         self._tar, self._path, self._docs, self._tokens = None, None, 0, 0
 
 
@@ -108,7 +99,7 @@ def verify_shard(path: Path, shard: ShardInfo) -> None:
     """Raise DatasetError naming ``path`` if it is missing or its sha256 differs from the manifest."""
     if not path.is_file():
         raise DatasetError(f"{path}: shard file is missing; {_REBUILD}")
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if digest != shard.sha256:
         raise DatasetError(
             f"{path}: checksum mismatch (sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}...); {_REBUILD}"
