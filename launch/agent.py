@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     # group's keys remain: after an elastic restart gloo then connects to the dead workers'
     # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun would set 1 thread per worker (with a warning banner); give each worker its share of
+    # this node's cores instead, which is what a CPU run needs and harmless on GPU nodes.
+    nproc = _option(argv, "nproc_per_node", "1")
+    if "OMP_NUM_THREADS" not in os.environ and nproc.isdigit():
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(nproc)))
     try:
         torchrun(argv)
     except RendezvousError as err:

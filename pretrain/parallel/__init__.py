@@ -10,3 +10,5 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # megatron-core warns at import that optional CUDA extensions are absent; we use none of them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+# DeepSpeed still calls all_gather_into_tensor / reduce_scatter_tensor, deprecated in recent torch.
+warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
