@@ -75,14 +75,17 @@ class SyntheticBatches:
     rank r [r]; its single-process reference gives [0, 1] and so sees the same global batch.
     """
 
-    def __init__(self, vocab: int, seq_len: int, micro_batch: int, ranks: list[int], seed: int = 0) -> None:
+    def __init__(self, vocab: int, seq_len: int, micro_batch: int, ranks: list[int], seed: int = 0,
+                 accum: int = 1) -> None:
         self.vocab, self.seq_len, self.micro_batch, self.ranks, self.seed = vocab, seq_len, micro_batch, ranks, seed
+        self.accum = accum  # a step's rows per rank are micro_batch * accum, yielded in accum pieces
 
     def _one(self, step: int, rank: int):
         # Arithmetic progressions mod vocab: random, but learnable, so losses fall within a few steps.
         g = torch.Generator().manual_seed(self.seed * 1_000_000 + step * 100 + rank)
-        start = torch.randint(0, self.vocab, (self.micro_batch, 1), generator=g)
-        stride = torch.randint(1, 4, (self.micro_batch, 1), generator=g)
+        rows = self.micro_batch * self.accum
+        start = torch.randint(0, self.vocab, (rows, 1), generator=g)
+        stride = torch.randint(1, 4, (rows, 1), generator=g)
         tokens = (start + stride * torch.arange(self.seq_len + 1)) % self.vocab
         return tokens[:, :-1], tokens[:, 1:]
 
@@ -92,10 +95,11 @@ class SyntheticBatches:
         step = 0
         while True:
             parts = [self._one(step, r) for r in self.ranks]
-            ids = torch.cat([p[0] for p in parts])
-            labels = torch.cat([p[1] for p in parts])
-            positions = torch.arange(self.seq_len).expand_as(ids)
-            yield Batch(input_ids=ids, labels=labels, position_ids=positions)
+            for piece in range(self.accum):
+                rows = slice(piece * self.micro_batch, (piece + 1) * self.micro_batch)
+                ids = torch.cat([p[0][rows] for p in parts])
+                labels = torch.cat([p[1][rows] for p in parts])
+                yield Batch(input_ids=ids, labels=labels, position_ids=torch.arange(self.seq_len).expand_as(ids))
             step += 1
 
     def state_dict(self) -> dict:
@@ -123,7 +127,8 @@ def train(overrides: list[str], run_dir: str, synthetic: bool | list[int] = Fals
     if synthetic is not False:
         ranks = [trainer.dims.dp_rank] if synthetic is True else synthetic
         trainer.loader = SyntheticBatches(cfg.model.vocab_size, cfg.train.seq_len,
-                                          cfg.train.micro_batch_size // len(ranks), ranks, seed=cfg.train.seed)
+                                          cfg.train.micro_batch_size // len(ranks), ranks, seed=cfg.train.seed,
+                                          accum=trainer.engine.gradient_accumulation_steps())
     records = trainer.run()
     return records, trainer
 

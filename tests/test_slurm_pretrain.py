@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,12 +48,19 @@ def job_log(workdir: Path, job: int) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, tmp_path_factory):
-    """One job of the tiny model run to the end: the reference for the preemption test."""
+    """One job of the tiny model run to the end: the reference for the preemption test.
+
+    Submitted the way users do from a login node, `python -m launch launcher=slurm ...`, which
+    runs sbatch on slurm/pretrain.sh and prints the job id.
+    """
     workdir = tmp_path_factory.mktemp("slurm-reference")
     run_dir = workdir / "run"
-    job = submit(slurm_cluster, workdir, run_dir)
+    proc = subprocess.run([sys.executable, "-m", "launch", "launcher=slurm", *OVERRIDES, f"run.dir={run_dir}"],
+                          cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
     state = slurm_cluster.wait_for_job(job, timeout=240)
-    log = job_log(workdir, job)
+    log = (workdir / f"pretrain-{job}.out").read_text(errors="replace")  # the script's --output=%x-%j.out
     assert state == "COMPLETED", f"job {job} ended {state}:\n{log[-4000:]}"
     return run_dir, log
 
