@@ -77,11 +77,10 @@ def grad_norm(engine) -> float:
     counting TP-replicated parameters once, as DeepSpeed does."""
     from megatron.core import parallel_state
 
+    counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
+        getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0)]
     device = next(engine.module.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for p in engine.module.parameters():
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False)
-                                   or parallel_state.get_tensor_model_parallel_rank() == 0):
-            total += p.grad.detach().double().pow(2).sum()
+    local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)
+    total = local.float().pow(2)
     torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
     return float(total.sqrt())
