@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
@@ -28,7 +29,6 @@ from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
-from megatron.core import parallel_state
 from pretrain.schedule import learning_rate
 
 
@@ -104,9 +104,9 @@ class Trainer:
         t = self.cfg.train
         return t.micro_batch_size * t.seq_len * self.engine.gradient_accumulation_steps() * self.dims.dp
 
-    def save(self, data_iter_state: dict) -> Path:
+    def save(self) -> Path:
         states: list[Any] = [None] * self.dims.world_size
-        dist.all_gather_object(states, data_iter_state)
+        dist.all_gather_object(states, self.loader.state_dict())
         dp_states = [states[r] for r in range(self.dims.world_size)
                      if r % self.dims.tp == 0]  # TP ranks of one DP rank read the same data
         meta = {
@@ -124,9 +124,28 @@ class Trainer:
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
+    def train_step(self, batches: Iterator) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm)."""
+        engine, device = self.engine, self.dims.device
+        set_lr(engine, learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        reports_norm = deepspeed_reports_grad_norm(engine)
+        loss_sum, norm = torch.zeros((), device=device), float("nan")
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = next(batches)
+            loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids.to(device))
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and not reports_norm:
+                norm = grad_norm(engine)
+            engine.step()
+            loss_sum += loss.detach().float()
+        self.step += 1
+        if reports_norm:
+            norm = float(engine.get_global_grad_norm())
+        return mean_over_dp(loss_sum / engine.gradient_accumulation_steps()), norm
+
     def run(self) -> list[dict[str, Any]]:
-        cfg, dims, engine = self.cfg, self.dims, self.engine
-        model_flops = flops_per_token(cfg.model, count_parameters(engine.module), cfg.train.seq_len)
+        cfg, dims = self.cfg, self.dims
+        model_flops = flops_per_token(cfg.model, count_parameters(self.engine.module), cfg.train.seq_len)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         peak = peak_flops(dims.device, dtype) * dims.world_size
         writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
@@ -135,51 +154,35 @@ class Trainer:
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
-        reports_norm, norm = deepspeed_reports_grad_norm(engine), float("nan")
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
             lr = learning_rate(self.step, cfg.optim, cfg.train.max_steps)
-            set_lr(engine, lr)
-            loss_sum = torch.zeros((), device=dims.device)
-            for _ in range(engine.gradient_accumulation_steps()):
-                batch = next(batches)
-                loss = engine(batch.input_ids.to(dims.device), batch.labels.to(dims.device),
-                              batch.position_ids.to(dims.device))
-                engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary() and not reports_norm:
-                    norm = grad_norm(engine)
-                engine.step()
-                loss_sum += loss.detach().float()
-            self.step += 1
-            loss_value = mean_over_dp(loss_sum / engine.gradient_accumulation_steps())
+            loss, norm = self.train_step(batches)
             if dims.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             tokens_per_sec = self.tokens_per_step / elapsed
-            if reports_norm:
-                norm = float(engine.get_global_grad_norm())
-            record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm,
+            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                       "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
                       "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed}
             self.records.append(record)
             writer.write(record)
             wandb.log(record, self.step)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
-            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps or self.step == first_step + 1:
-                done = self.step - first_step
-                eta = (time.perf_counter() - run_start) / done * (cfg.train.max_steps - self.step)
-                log(dims, console_line(record, cfg.train.max_steps, eta))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
             last = self.step == cfg.train.max_steps
+            if self.step % cfg.train.log_interval == 0 or last or self.step == first_step + 1:
+                eta = (time.perf_counter() - run_start) / (self.step - first_step) * (cfg.train.max_steps - self.step)
+                log(dims, console_line(record, cfg.train.max_steps, eta))
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
-                eval_loss = evaluate(engine, self.data_dir, cfg, dims)
+                eval_loss = evaluate(self.engine, self.data_dir, cfg, dims)
                 writer.write({"step": self.step, "eval_loss": eval_loss})
                 wandb.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
             if last or stopping or (interval and self.step % interval == 0):
-                self.save(self.loader.state_dict())
+                self.save()
             if stopping:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")

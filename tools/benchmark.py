@@ -84,7 +84,7 @@ def bench_pretrain(a: argparse.Namespace) -> tuple[float, str, torch.device]:
         cfg = compose(overrides(a, run_dir))
         trainer = build(cfg)
         trainer.loader = RandomBatches(a.vocab, a.batch, a.seq_len, trainer.dims.device)
-        trainer.save = lambda state: None  # the benchmark measures training, not checkpoint I/O
+        trainer.save = lambda: None  # the benchmark measures training, not checkpoint I/O
         records = trainer.run()
     timed = records[a.warmup:]
     step_time = statistics.median(r["step_time"] for r in timed)
