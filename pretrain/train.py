@@ -202,7 +202,7 @@ def build(cfg: Config) -> Trainer:
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
-    backend = resolve_backend(cfg.model.attention, dims.device)
+    backend = resolve_backend(cfg.model.attention, dims.device, precision)
     model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
                 on_cuda=dims.device.type == "cuda").to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)

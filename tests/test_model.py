@@ -168,3 +168,14 @@ def test_activation_checkpointing_gives_the_same_grads(mode: str) -> None:
     reference, recomputed = grads("none"), grads(mode)
     for name, grad in reference.items():
         assert torch.equal(recomputed[name], grad), name
+
+
+def test_attention_backend_choice_follows_device_and_precision() -> None:
+    from pretrain.model.attention import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "fp32") == "sdpa"
+    assert resolve_backend("auto", cpu, "bf16") == "sdpa"
+    assert resolve_backend("sdpa", cpu, "bf16") == "sdpa"
+    with pytest.raises(RuntimeError, match="model.attention=sdpa"):
+        resolve_backend("flash", cpu, "bf16")

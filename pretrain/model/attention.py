@@ -18,12 +18,14 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def resolve_backend(requested: str, device: torch.device, precision: str) -> str:
+    """flash-attn kernels take only 16-bit inputs, so `auto` picks them for bf16 on CUDA."""
+    usable = device.type == "cuda" and flash_attn_available() and precision == "bf16"
     if requested == "auto":
-        return "flash" if device.type == "cuda" and flash_attn_available() else "sdpa"
-    if requested == "flash" and not (device.type == "cuda" and flash_attn_available()):
-        raise RuntimeError("model.attention=flash needs CUDA and the flash-attn package "
-                           "(pip install '.[gpu]'); use model.attention=sdpa")
+        return "flash" if usable else "sdpa"
+    if requested == "flash" and not usable:
+        raise RuntimeError("model.attention=flash needs CUDA, bf16 (train.precision) and the flash-attn "
+                           "package (pip install '.[gpu]'); use model.attention=sdpa")
     return requested
 
 
