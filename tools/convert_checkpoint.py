@@ -35,6 +35,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from safetensors import SafetensorError  # noqa: E402
 from pretrain.checkpoint import CheckpointError, read_manifest, resolve
 from pretrain.checkpoint.offline import model_overrides, summary, summary_json
 from pretrain.data.manifest import DatasetError
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_json(ckpt) if args.json else summary(ckpt, verify=args.verify))
     except (CheckpointError, ConversionError, DatasetError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as err:  # e.g. a full disk: the partial output was already removed
+        print(f"error: writing failed ({err}); the partial output was removed and the input is unchanged",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pretrain.checkpoint.format import (FORMAT_VERSION, TMP_PREFIX, TOKENIZER_FILE, CheckpointError,
@@ -119,7 +119,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
             files[TOKENIZER_FILE] = {"bytes": (tmp / TOKENIZER_FILE).stat().st_size,
                                      "sha256": sha256_file(tmp / TOKENIZER_FILE)}
         tokenizer["file"] = TOKENIZER_FILE if source is not None else None
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         error = str(err)
     errors = _agree_on_errors(error)
     all_files: list[Any] = [None] * world
