@@ -24,8 +24,9 @@ ATOL = 1e-5
 TOKENS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _logits_of_runs(jobs: list[tuple[list[str], str]], tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Build each run (training it if max_steps > 0) in this process; our logits on `tokens`."""
+def _logits_of_runs(jobs: list[tuple[list[str], str]], tokens: torch.Tensor, train: bool = True) -> list[torch.Tensor]:
+    """Build each run in this process (loading checkpoint.init_from if set), train it to max_steps
+    when `train`, and return our logits on `tokens`."""
     from megatron.core import parallel_state
 
     from pretrain.config import compose
@@ -36,7 +37,7 @@ def _logits_of_runs(jobs: list[tuple[list[str], str]], tokens: torch.Tensor) -> 
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         trainer = build(compose([*overrides, f"run.dir={run_dir}"], world_size=1))
-        if trainer.cfg.train.max_steps > trainer.step:
+        if train and trainer.cfg.train.max_steps > trainer.step:
             trainer.run()
         model = trainer.engine.module.eval()
         with torch.no_grad():
@@ -144,26 +145,9 @@ def test_import_matches_transformers_llama(tmp_path) -> None:
         jobs.append(([*overrides, "train.max_steps=1", f"checkpoint.init_from={ckpt}", "parallel.zero_stage=0"],
                      str(tmp_path / f"run-{name}")))
         expected.append(_hf_logits(hf_dir, TOKENS))
-    ours = run_distributed(_logits_before_training, 1, jobs, TOKENS)[0]
+    ours = run_distributed(_logits_of_runs, 1, jobs, TOKENS, False)[0]
     for name, got, want in zip(IMPORTS, ours, expected):
         assert (got - want).abs().max().item() < ATOL, name
-
-
-def _logits_before_training(jobs: list[tuple[list[str], str]], tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Build each run (loading checkpoint.init_from) without training; our logits on `tokens`."""
-    from megatron.core import parallel_state
-
-    from pretrain.config import compose
-    from pretrain.train import build
-
-    out = []
-    for overrides, run_dir in jobs:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        trainer = build(compose([*overrides, f"run.dir={run_dir}"], world_size=1))
-        with torch.no_grad():
-            out.append(trainer.engine.module.eval()(tokens).float())
-    return out
 
 
 def test_import_then_export_round_trips_weights(trained, tmp_path) -> None:
