@@ -124,10 +124,11 @@ class Trainer:
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
-    def train_step(self, batches: Iterator) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm)."""
+    def train_step(self, batches: Iterator) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr)."""
         engine, device = self.engine, self.dims.device
-        set_lr(engine, learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        lr = learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        set_lr(engine, lr)
         reports_norm = deepspeed_reports_grad_norm(engine)
         loss_sum, norm = torch.zeros((), device=device), float("nan")
         for _ in range(engine.gradient_accumulation_steps()):
@@ -141,7 +142,7 @@ class Trainer:
         self.step += 1
         if reports_norm:
             norm = float(engine.get_global_grad_norm())
-        return mean_over_dp(loss_sum / engine.gradient_accumulation_steps()), norm
+        return mean_over_dp(loss_sum / engine.gradient_accumulation_steps()), norm, lr
 
     def run(self) -> list[dict[str, Any]]:
         cfg, dims = self.cfg, self.dims
@@ -156,8 +157,7 @@ class Trainer:
         first_step, run_start = self.step, time.perf_counter()
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
-            lr = learning_rate(self.step, cfg.optim, cfg.train.max_steps)
-            loss, norm = self.train_step(batches)
+            loss, norm, lr = self.train_step(batches)
             if dims.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start

@@ -66,7 +66,6 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-
 def deepspeed_reports_grad_norm(engine) -> bool:
     """ZeRO and bf16 wrappers record the norm they clip with; plain fp32 DeepSpeed does not."""
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
