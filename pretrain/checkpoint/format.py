@@ -31,6 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from pretrain.files import sha256_file
 
 FORMAT_VERSION = 1
@@ -47,6 +49,17 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """The manifest's entry for a written file: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_tensors(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Write a safetensors file; return its manifest entry."""
+    save_file(tensors, str(path))
+    return file_record(path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -32,12 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from pretrain.checkpoint.format import (FORMAT_VERSION, TMP_PREFIX, TOKENIZER_FILE, CheckpointError,
                                         check_model_shape, fsync_dir, prune, read_manifest,
-                                        remove_interrupted, sha256_file, step_dir_name, tokenizer_source,
-                                        verify_files, write_json_atomic, write_latest)
+                                        file_record, remove_interrupted, step_dir_name, tokenizer_source,
+                                        verify_files, write_json_atomic, write_latest, write_tensors)
 from pretrain.checkpoint.state import MOMENTS, get_moment, get_param, set_moment, set_optimizer_step, set_param
 from pretrain.parallel import sharding
 
@@ -64,11 +63,6 @@ def assign_writers(sizes: list[int], world: int) -> list[int]:
         owner[i] = rank
         load[rank] += sizes[i]
     return owner
-
-
-def _write(tmp: Path, fname: str, tensors: dict[str, torch.Tensor], files: dict[str, Any]) -> None:
-    save_file(tensors, str(tmp / fname))
-    files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
 
 
 def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
@@ -108,16 +102,16 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
     tokenizer = dict(meta.get("tokenizer") or {})
     try:
         if weights:
-            _write(tmp, f"model-{rank:05d}-of-{world:05d}.safetensors", weights, files)
-            _write(tmp, f"optim-{rank:05d}-of-{world:05d}.safetensors", moments, files)
-        _write(tmp, f"rng-{rank:05d}.safetensors", _rng_tensors(), files)
+            for fname, tensors in ((f"model-{rank:05d}-of-{world:05d}.safetensors", weights),
+                                   (f"optim-{rank:05d}-of-{world:05d}.safetensors", moments)):
+                files[fname] = write_tensors(tmp / fname, tensors)
+        files[f"rng-{rank:05d}.safetensors"] = write_tensors(tmp / f"rng-{rank:05d}.safetensors", _rng_tensors())
         weights.clear()
         moments.clear()
         source = tokenizer_source(tokenizer["dataset_dir"]) if tokenizer.get("dataset_dir") else None
         if rank == 0 and source is not None:
             shutil.copyfile(source, tmp / TOKENIZER_FILE)
-            files[TOKENIZER_FILE] = {"bytes": (tmp / TOKENIZER_FILE).stat().st_size,
-                                     "sha256": sha256_file(tmp / TOKENIZER_FILE)}
+            files[TOKENIZER_FILE] = file_record(tmp / TOKENIZER_FILE)
         tokenizer["file"] = TOKENIZER_FILE if source is not None else None
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         error = str(err)

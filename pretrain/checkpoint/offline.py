@@ -13,10 +13,9 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pretrain.checkpoint.format import (FORMAT_VERSION, MOMENTS, SHAPE_KEYS, fsync_dir, read_manifest,
-                                        sha256_file, tokenizer_source, verify_files, write_json_atomic)
+                                        tokenizer_source, verify_files, write_json_atomic, write_tensors)
 
 FILE_BYTES = 2 << 30  # split weights-only checkpoints into files of at most ~2 GiB
 
@@ -80,8 +79,7 @@ def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], m
         index, files = {}, {}
         for i, group in enumerate(groups):
             fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            save_file(group, str(tmp / fname))
-            files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
+            files[fname] = write_tensors(tmp / fname, group)
             for name, value in group.items():
                 index[name] = {"file": fname, "shape": list(value.shape), "tp_partition_dim": None}
             group.clear()
