@@ -19,7 +19,6 @@ DeepSpeed-native checkpoints are not read: this system never writes them.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.checkpoint.format import read_manifest, resolve
-from pretrain.checkpoint.offline import (checkpoint_tokenizer, ensure_empty_dir, iter_tensors, publish,
-                                         write_weights_only)
+from pretrain.checkpoint.offline import checkpoint_tokenizer, iter_tensors, write_weights_only
+from pretrain.files import atomic_directory
 
 HF_PREFIX = "model."
 SHARD_BYTES = 5 << 30  # Hugging Face's default max_shard_size
@@ -100,10 +99,15 @@ def to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None
     The tokenizer comes from `tokenizer` (a dataset directory or tokenizer.json), else the copy in
     the checkpoint, else the dataset directory the manifest names. Refuses a non-empty out.
     """
+    ckpt, out = resolve(ckpt), Path(out)
+    with atomic_directory(out) as tmp:
+        _export(ckpt, tmp, tokenizer, dtype, with_tokenizer)
+    return out
+
+
+def _export(ckpt: Path, tmp: Path, tokenizer: str | Path | None, dtype: str, with_tokenizer: bool) -> None:
     from pretrain.data.tokenizer import eos_id, load_tokenizer, save_hf_tokenizer
 
-    ckpt, out = resolve(ckpt), Path(out)
-    ensure_empty_dir(out)
     manifest = read_manifest(ckpt)
     source = Path(tokenizer) if tokenizer else checkpoint_tokenizer(ckpt, manifest)
     if with_tokenizer and source is None:
@@ -116,21 +120,11 @@ def to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None
         if tok.get_vocab_size() > manifest["model"]["vocab_size"]:
             raise ConversionError(f"{source}: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
                                   f"{manifest['model']['vocab_size']}; pass the run's own tokenizer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        llama_config(manifest["model"], eos, dtype).save_pretrained(str(tmp))
-        tensors = ((to_hf_name(name), value) for name, value in iter_tensors(ckpt, manifest))
-        _write_hf_weights(tensors, tmp, DTYPES[dtype])
-        if with_tokenizer:
-            save_hf_tokenizer(source, tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    llama_config(manifest["model"], eos, dtype).save_pretrained(str(tmp))
+    tensors = ((to_hf_name(name), value) for name, value in iter_tensors(ckpt, manifest))
+    _write_hf_weights(tensors, tmp, DTYPES[dtype])
+    if with_tokenizer:
+        save_hf_tokenizer(source, tmp)
 
 
 def _hf_rope_theta(config: dict[str, Any], where: Path) -> float:

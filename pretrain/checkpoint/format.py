@@ -33,7 +33,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from pretrain.files import sha256_file
+from pretrain.files import fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -60,14 +60,6 @@ def write_tensors(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
     """Write a safetensors file; return its manifest entry."""
     save_file(tensors, str(path))
     return file_record(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -7,15 +7,15 @@ tensors are already full (TP=1) tensors, so nothing here needs to know any paral
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 
-from pretrain.checkpoint.format import (FORMAT_VERSION, MOMENTS, SHAPE_KEYS, fsync_dir, read_manifest,
+from pretrain.checkpoint.format import (FORMAT_VERSION, MOMENTS, SHAPE_KEYS, read_manifest,
                                         tokenizer_source, verify_files, write_json_atomic, write_tensors)
+from pretrain.files import atomic_directory
 
 FILE_BYTES = 2 << 30  # split weights-only checkpoints into files of at most ~2 GiB
 
@@ -39,20 +39,6 @@ def iter_tensors(ckpt: Path, manifest: dict[str, Any] | None = None,
                 yield f"{name}.{key}", get(info["optim_file"], f"{name}.{key}")
 
 
-def ensure_empty_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose another output directory or delete it")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished temp directory to out (which is absent or an empty directory)."""
-    fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_dir(out.parent)
-
-
 def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], model_cfg: dict[str, Any],
                        meta: dict[str, Any]) -> Path:
     """Write a step-0 checkpoint with weights and no optimizer state into the new directory out.
@@ -61,12 +47,7 @@ def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], m
     (there are no Adam moments). Written into a temp directory and renamed, like every checkpoint.
     """
     out = Path(out)
-    ensure_empty_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         groups: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, value in tensors:
@@ -87,10 +68,6 @@ def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], m
                         model=model_cfg, config=meta.get("config", {"model": model_cfg}), data=None,
                         tensors=index, files=files, layout=meta.get("layout", {}))
         write_json_atomic(tmp / "manifest.json", manifest)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,7 +15,8 @@ import sysconfig
 from pathlib import Path
 
 from pretrain.data.manifest import MANIFEST_NAME, Manifest, TokenizerInfo, dtype_for_vocab, read_manifest, write_manifest
-from pretrain.data.prepare import atomic_directory, encode_documents
+from pretrain.data.prepare import encode_documents
+from pretrain.files import atomic_directory
 from pretrain.data.shards import write_token_shards
 from pretrain.data.text import is_validation
 from pretrain.data.tokenizer import TOKENIZER_FILE, eos_id, train_tokenizer

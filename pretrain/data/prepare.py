@@ -6,11 +6,7 @@ complete, so a crash never leaves a half-written dataset and an existing one is 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,32 +16,9 @@ from pretrain.data.manifest import Manifest, TokenizerInfo, dtype_for_vocab, wri
 from pretrain.data.shards import ShardWriter
 from pretrain.data.text import is_validation, iter_documents
 from pretrain.data.tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer
+from pretrain.files import atomic_directory
 
 DEFAULT_TOKENS_PER_SHARD = 1 << 24
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp directory that becomes ``out_dir`` on success and vanishes on failure.
-
-    Refuses up front if ``out_dir`` exists and is not empty; rename(2) refuses too if it became
-    non-empty meanwhile, so an existing dataset is never overwritten.
-    """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"{out} already exists and is not empty; choose a new --out directory "
-            f"(existing datasets are never overwritten)"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], eos: int, dtype: np.dtype) -> list[np.ndarray]:
