@@ -122,6 +122,10 @@ class TrainConfig:
     eval_batches: int = 4
     log_interval: int = 10
     """Console progress every N steps (metrics.jsonl gets every step)."""
+    sample_tokens: int = 48
+    """Greedy tokens printed after the last step, continuing sample_prompt; 0 = no sample."""
+    sample_prompt: str = ""
+    """Text the end-of-run sample continues (it starts a new document; empty = unconditional)."""
 
 
 @dataclass

@@ -119,3 +119,8 @@ def console_line(rec: dict[str, Any], max_steps: int, eta_s: float) -> str:
     return (f"step {rec['step']:>6}/{max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
             f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_sec']:,.0f} tok/s | "
             f"MFU {100 * rec['mfu']:.2f}% | ETA {format_eta(eta_s)}")
+
+
+def eval_line(step: int, max_steps: int, loss: float, bits_per_byte: float) -> str:
+    return (f"step {step:>6}/{max_steps} | eval_loss {loss:.4f} | eval {bits_per_byte:.3f} bits/byte | "
+            f"perplexity {math.exp(min(loss, 700)):,.1f}")

@@ -18,13 +18,16 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
-import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
+import pretrain.parallel  # noqa: F401  (first: sets DeepSpeed's accelerator, quiets megatron-core's import warnings)
+from megatron.core import parallel_state
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
 from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
-from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
+from pretrain.console import Progress, above_progress_bar, describe_run
+from pretrain.evaluation import EvalResult, EvalSums, token_byte_lengths
+from pretrain.generate import generate, parallel_logits
+from pretrain.metrics import MetricsWriter, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
@@ -34,7 +37,8 @@ from pretrain.schedule import learning_rate
 
 def log(dims: ParallelDims, message: str) -> None:
     if dims.is_main:
-        print(message, flush=True)
+        with above_progress_bar():
+            print(message, flush=True)
 
 
 class StopSignal:
@@ -55,8 +59,15 @@ class StopSignal:
         return bool(flag.item())
 
 
-def dataset_dir(cfg: Config) -> Path:
+def dataset_dir(cfg: Config, dims: ParallelDims) -> Path:
     if cfg.data.name == "embedded":
+        from pretrain.data.embedded import embedded_corpus_name
+
+        built = Path(cfg.data.cache_dir, embedded_corpus_name(cfg.data.embedded_vocab_size), "manifest.json")
+        if not built.is_file():
+            log(dims, f"building the embedded corpus (first use only, 10-60 s): the Python standard library's "
+                      f"sources and docs, a {cfg.data.embedded_vocab_size}-token BPE tokenizer trained on them, "
+                      f"token shards in {built.parent}")
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
     return Path(cfg.data.path)
 
@@ -74,18 +85,20 @@ def mean_over_dp(value: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
+def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims, byte_lengths: torch.Tensor) -> EvalResult:
+    """Loss (nats/token) and bits per byte on the first eval_batches batches of every DP rank's val shards."""
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
                          seed=cfg.train.seed)
     engine.eval()
-    total = torch.zeros((), device=dims.device)
+    sums = EvalSums(byte_lengths, dims.device)
     batches = iter(loader)
     for _ in range(cfg.train.eval_batches):
         batch = next(batches)
-        total += engine(batch.input_ids.to(dims.device), batch.labels.to(dims.device),
-                        batch.position_ids.to(dims.device)).float()
+        labels = batch.labels.to(dims.device)
+        sums.add(engine(batch.input_ids.to(dims.device), labels, batch.position_ids.to(dims.device)).float(), labels)
     engine.train()
-    return mean_over_dp(total / cfg.train.eval_batches)
+    dist.all_reduce(sums.totals, group=parallel_state.get_data_parallel_group())
+    return sums.result()
 
 
 @dataclass
@@ -154,7 +167,8 @@ class Trainer:
                             to_dict(cfg), enabled=dims.is_main)
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
-        first_step, run_start = self.step, time.perf_counter()
+        byte_lengths = token_byte_lengths(load_tokenizer(self.data_dir), cfg.model.vocab_size)
+        progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_interval, enabled=dims.is_main)
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
             loss, norm, lr = self.train_step(batches)
@@ -171,14 +185,13 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
             last = self.step == cfg.train.max_steps
-            if self.step % cfg.train.log_interval == 0 or last or self.step == first_step + 1:
-                eta = (time.perf_counter() - run_start) / (self.step - first_step) * (cfg.train.max_steps - self.step)
-                log(dims, console_line(record, cfg.train.max_steps, eta))
+            progress.update(self.step, record)
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
-                eval_loss = evaluate(self.engine, self.data_dir, cfg, dims)
-                writer.write({"step": self.step, "eval_loss": eval_loss})
-                wandb.log({"eval_loss": eval_loss}, self.step)
-                log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
+                result = evaluate(self.engine, self.data_dir, cfg, dims, byte_lengths)
+                evaluated = {"eval_loss": result.loss, "eval_bpb": result.bits_per_byte}
+                writer.write({"step": self.step, **evaluated})
+                wandb.log(evaluated, self.step)
+                log(dims, eval_line(self.step, cfg.train.max_steps, result.loss, result.bits_per_byte))
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
             if last or stopping or (interval and self.step % interval == 0):
@@ -187,9 +200,26 @@ class Trainer:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")
                 break
+        progress.close()
+        if cfg.train.sample_tokens and self.step == cfg.train.max_steps:
+            log(dims, f"greedy sample after {self.step} steps, prompt {cfg.train.sample_prompt!r}:\n"
+                      + cfg.train.sample_prompt + self.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
         writer.close()
         wandb.close()
         return self.records
+
+    @torch.no_grad()
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy continuation of prompt; every rank runs it (TP shards and ZeRO-3 need all of them)."""
+        from pretrain.data.tokenizer import eos_id
+
+        tokenizer = load_tokenizer(self.data_dir)
+        eos = eos_id(tokenizer)
+        self.engine.eval()
+        new = generate(parallel_logits(self.engine), [eos] + tokenizer.encode(prompt, add_special_tokens=False).ids,
+                       max_new_tokens, self.cfg.model.max_seq_len, stop_id=eos, device=self.dims.device)
+        self.engine.train()
+        return tokenizer.decode([t for t in new if t != eos])
 
 
 def build(cfg: Config) -> Trainer:
@@ -197,7 +227,7 @@ def build(cfg: Config) -> Trainer:
     dims = init_distributed(cfg.parallel.tp, device_kind)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
-    data_dir = dataset_dir(cfg)
+    data_dir = dataset_dir(cfg, dims)
     vocab = load_tokenizer(data_dir).get_vocab_size()
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -211,18 +241,20 @@ def build(cfg: Config) -> Trainer:
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
-    log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
-              f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
-              f"{trainer.tokens_per_step} tokens/step")
-    resume(trainer)
+    start = resume(trainer)
     if dims.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
+    log(dims, describe_run(cfg, world_size=dims.world_size, tp=dims.tp, dp=dims.dp, device=dims.device.type,
+                           parameters=count_parameters(model), tokens_per_step=trainer.tokens_per_step,
+                           grad_accum=engine.gradient_accumulation_steps(), precision=precision, attention=backend,
+                           data_dir=data_dir, start=start).block())
     return trainer
 
 
-def resume(trainer: Trainer) -> None:
-    cfg, dims = trainer.cfg, trainer.dims
+def resume(trainer: Trainer) -> str:
+    """Load the run's latest checkpoint (or checkpoint.init_from's weights); say where training starts."""
+    cfg = trainer.cfg
     model_cfg = to_dict(cfg)["model"]
     latest = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
     start = time.perf_counter()
@@ -231,12 +263,13 @@ def resume(trainer: Trainer) -> None:
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
         saved = manifest["layout"]
-        log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
-                  f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
-    elif cfg.checkpoint.init_from:
+        return (f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
+                f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
+    if cfg.checkpoint.init_from:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
         checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)
-        log(dims, f"initialised weights from {source}")
+        return f"step 0, weights initialised from {source}"
+    return f"step 0, fresh weights (seed {cfg.train.seed})"
 
 
 def main(argv: list[str] | None = None) -> int:

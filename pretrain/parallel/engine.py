@@ -44,14 +44,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision: str):
     import deepspeed
 
+    from pretrain.console import DEEPSPEED_NOISE, drop_lines
     from pretrain.parallel.groups import MegatronMPU
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, foreach=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
+    with drop_lines(DEEPSPEED_NOISE):  # its CPU backend prints "... built successfully" on every rank
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
     return engine
 
 
