@@ -108,3 +108,16 @@ def evaluate_batches(loss_of: LossFn, batches: Iterable[tuple[torch.Tensor, torc
         labels = labels.to(device)
         sums.add(loss_of(input_ids.to(device), labels, position_ids.to(device)), labels)
     return sums
+
+
+def dataset_batches(data_dir, split: str, seq_len: int, micro_batch_size: int, dp: int, batches: int, seed: int,
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches a run with `dp` data-parallel ranks evaluates: each rank's first `batches`
+    micro-batches of the split, rank after rank, so one process sees what the whole job saw."""
+    from pretrain.data import TokenLoader
+
+    for rank in range(dp):
+        loader = iter(TokenLoader(data_dir, split, seq_len, micro_batch_size, rank, dp, seed=seed))
+        for _ in range(batches):
+            batch = next(loader)
+            yield batch.input_ids, batch.labels, batch.position_ids
