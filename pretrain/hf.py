@@ -50,7 +50,10 @@ def from_hf_name(name: str) -> str:
 
 def llama_config(model: dict[str, Any], eos_id: int | None = None, dtype: str = "fp32"):
     """A transformers LlamaConfig with our ModelConfig's sizes (a dict, as in manifests)."""
-    from transformers import LlamaConfig
+    try:
+        from transformers import LlamaConfig
+    except ImportError:
+        raise ConversionError('exporting to Hugging Face needs transformers: pip install -e ".[hf]"') from None
 
     from pretrain.config import ModelConfig
 
