@@ -77,7 +77,12 @@ class MetricsWriter:
 
 
 class WandbLogger:
-    """wandb, offline unless the user configures a project and mode online; never blocks training."""
+    """wandb, offline unless the user configures a project and mode online; never blocks training.
+
+    The run id is kept in <run.dir>/wandb_id, so a resumed job continues the same wandb run. The
+    resolved configuration is the run's config; wandb samples system stats (CPU, memory, GPU) in
+    the background every 15 s (WANDB_X_STATS_SAMPLING_INTERVAL changes it).
+    """
 
     def __init__(self, mode: str, project: str | None, run_dir: str, name: str, config: dict, enabled: bool) -> None:
         self.run = None
@@ -87,7 +92,8 @@ class WandbLogger:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project or "pretrain", name=name, dir=run_dir, mode=mode,
-                              config=config, resume="allow", id=_wandb_id(run_dir))
+                              config=config, resume="allow", id=_wandb_id(run_dir),
+                              settings=wandb.Settings(x_disable_stats=False))
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:

@@ -163,8 +163,10 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         peak = peak_flops(dims.device, dtype) * dims.world_size
         writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
+        derived = {"parameters": count_parameters(self.engine.module), "tokens_per_step": self.tokens_per_step,
+                   "world_size": dims.world_size, "dp": dims.dp, "precision": self.precision}
         wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
-                            to_dict(cfg), enabled=dims.is_main)
+                            {**to_dict(cfg), "derived": derived}, enabled=dims.is_main)
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
         byte_lengths = token_byte_lengths(load_tokenizer(self.data_dir), cfg.model.vocab_size)

@@ -198,3 +198,30 @@ def test_progress_without_a_terminal_prints_plain_lines_at_the_log_interval() ->
     Progress(max_steps=12, start_step=0, log_interval=5, enabled=False, stream=silent).update(5, {"loss": 1.0})
     assert silent.getvalue() == ""
 
+
+
+def _train_with_wandb(run_dir: str, steps: int) -> str:
+    from helpers import TINY, train
+
+    overrides = [o for o in TINY if not o.startswith("logging.")] + ["logging.wandb=offline",
+                                                                      f"train.max_steps={steps}"]
+    train(overrides, run_dir)
+    return (Path(run_dir) / "wandb_id").read_text().strip()
+
+
+def test_wandb_resumed_run_continues_the_same_run_with_config_and_system_stats(tmp_path, monkeypatch) -> None:
+    from helpers import run_distributed
+
+    monkeypatch.setenv("WANDB_X_STATS_SAMPLING_INTERVAL", "0.5")  # inherited by the spawned workers
+    run_dir = str(tmp_path / "run")
+    [first] = run_distributed(_train_with_wandb, 1, run_dir, 2)
+    [again] = run_distributed(_train_with_wandb, 1, run_dir, 4)  # resumes from step 2
+    assert first == again
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{first}") for r in runs)
+    # offline runs keep their records in the run's .wandb log (protobuf); its strings are readable
+    log = (runs[-1] / f"run-{first}.wandb").read_bytes()
+    assert b'"hidden_size":64' in log.replace(b" ", b"")  # the resolved config ...
+    assert b"tokens_per_step" in log and b'"wandb":"offline"' in log.replace(b" ", b"")
+    assert b"proc.memory.rssMB" in log  # ... and system stats
+    assert b"tokens_per_sec" in log and b"grad_norm" in log  # the step metrics
