@@ -158,6 +158,10 @@ class LauncherConfig:
     """auto = number of GPUs, or 2 on a CPU-only machine."""
     nnodes: int = 1
     """Nodes to run on. Under SLURM the allocation decides (sbatch --nodes); elsewhere > 1 needs rdzv_endpoint."""
+    threads_per_process: int = 0
+    """CPU threads (OMP_NUM_THREADS) per worker. 0 = OMP_NUM_THREADS if set, else this node's cores divided
+    by nproc_per_node. Runs meant to agree bit for bit need the same value: the thread count sets the order
+    of floating-point reductions."""
     max_restarts: int = 0
     """Elastic restarts of the whole worker group after a failure; each resumes from latest."""
     rdzv_timeout: int = 300
@@ -253,6 +257,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(cfg.launcher.threads_per_process >= 0, "launcher.threads_per_process",
+           f"got {cfg.launcher.threads_per_process}; use 0 (automatic) or a positive number of threads")
     if cfg.data.name != "embedded":
         _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
                "(a directory written by tools/prepare_data.py)")
