@@ -85,6 +85,9 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    shuffle_shards: int = 8
+    """Each reader mixes the documents of this many shards in a seeded random order (it holds them
+    in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
 
 
 @dataclass
@@ -253,6 +256,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
     if cfg.data.name != "embedded":
         _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
                "(a directory written by tools/prepare_data.py)")

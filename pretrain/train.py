@@ -76,7 +76,7 @@ def mean_over_dp(value: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, shuffle_shards=cfg.data.shuffle_shards)
     engine.eval()
     total = torch.zeros((), device=dims.device)
     batches = iter(loader)
@@ -209,7 +209,8 @@ def build(cfg: Config) -> Trainer:
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
+                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums,
+                         shuffle_shards=cfg.data.shuffle_shards)
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
               f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
