@@ -198,9 +198,16 @@ def _read_once(url: str, opts: ReadOptions) -> list[np.ndarray]:
     stream = _TimedStream(raw, url, opts.timeout)
     try:
         docs = []
-        for member in tar_file_iterator(io.BufferedReader(stream, 1 << 20)):
-            if member["fname"].endswith(".npy"):
-                docs.append(_decode(url, member["fname"], member["data"], opts))
+        try:
+            for member in tar_file_iterator(io.BufferedReader(stream, 1 << 20)):
+                if member["fname"].endswith(".npy"):
+                    docs.append(_decode(url, member["fname"], member["data"], opts))
+        except (tarfile.TarError, EOFError):
+            proc = getattr(raw, "proc", None)  # a failed download or command ends its stream early
+            if proc is not None and proc.wait(timeout=opts.timeout) not in (0, 141):
+                raise OSError(f"{proc.args if isinstance(proc.args, str) else proc.args[0]} exited with status "
+                              f"{proc.returncode}") from None
+            raise
         return docs
     finally:
         stream.close()
