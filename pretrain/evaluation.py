@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -111,13 +111,14 @@ def evaluate_batches(loss_of: LossFn, batches: Iterable[tuple[torch.Tensor, torc
 
 
 def dataset_batches(data_dir, split: str, seq_len: int, micro_batch_size: int, dp: int, batches: int, seed: int,
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    **loader_options: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The batches a run with `dp` data-parallel ranks evaluates: each rank's first `batches`
-    micro-batches of the split, rank after rank, so one process sees what the whole job saw."""
+    micro-batches of the split, rank after rank, so one process sees what the whole job saw.
+    loader_options: the run's TokenLoader options (document shuffling), which decide the order."""
     from pretrain.data import TokenLoader
 
     for rank in range(dp):
-        loader = iter(TokenLoader(data_dir, split, seq_len, micro_batch_size, rank, dp, seed=seed))
+        loader = iter(TokenLoader(data_dir, split, seq_len, micro_batch_size, rank, dp, seed=seed, **loader_options))
         for _ in range(batches):
             batch = next(loader)
             yield batch.input_ids, batch.labels, batch.position_ids
