@@ -11,8 +11,8 @@ import contextlib
 import io
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from pretrain.metrics import console_line, format_eta
@@ -85,7 +85,7 @@ def data_lines(cfg: Config, data_dir: Any) -> list[str]:
             splits = read_manifest(path).splits
             counts = ", ".join(f"{name} {sum(s.tokens for s in shards):,} tokens ({len(shards)} shards)"
                                for name, shards in splits.items())
-        except DatasetError as err:
+        except (DatasetError, OSError) as err:  # the loader reports it properly; the block only describes
             counts = f"unreadable manifest ({err})"
         share = f" weight {weight:g}," if len(sources) > 1 else ""
         lines.append(f"{cfg.data.name} {path}:{share} {counts}")
@@ -140,7 +140,7 @@ class Progress:
             self._bar = tqdm(total=max_steps, initial=start_step, file=self.stream, dynamic_ncols=True,
                              unit="step", smoothing=0.1, mininterval=0.5,
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                        "[{elapsed}<{remaining}]{postfix}", desc="train")
+                                        "[{elapsed}<{remaining}{postfix}]", desc="train")
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
