@@ -163,7 +163,7 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens() -> None:
     assert next_token(logits).item() == 0
     g = torch.Generator().manual_seed(0)
     draws = [next_token(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)]
-    assert set(draws) == {0, 2} and 0.45 < draws.count(2) / 200 < 0.75  # 0.3/0.8 = 0.375 expected ± noise
+    assert set(draws) == {0, 2} and 0.25 < draws.count(2) / 200 < 0.5  # 0.3/0.8 = 0.375 expected, sd 0.034
 
 
 def test_progress_bar_on_a_terminal_shows_step_loss_lr_speed_mfu_and_eta() -> None:
