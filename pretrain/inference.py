@@ -63,6 +63,29 @@ def _hf_tensors(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return model_cfg, tensors
 
 
+def load_full_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy checkpoint tensors (unfused, TP=1 names) into a single-process model, joining the parts
+    of fused weights (q/k/v, gate/up) as pretrain.parallel.sharding lays them out."""
+    from pretrain.parallel.sharding import logical_names, merge_full
+
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            names = logical_names(name, param)
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise CheckpointError(f"{where}: has no tensor {missing[0]} for the model it describes")
+            full = merge_full(param, [tensors[n] for n in names])
+            if full.shape != param.shape:
+                raise CheckpointError(f"{where}: {name} has shape {list(full.shape)}, the model expects "
+                                      f"{list(param.shape)}")
+            param.copy_(full)
+            used.update(names)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"{where}: tensors the model does not have: {extra[:3]}")
+
+
 def load_model(source: str | Path, device: str = "auto", tokenizer: str | Path | None = None) -> LoadedModel:
     """Build our GPT in this process (a world of one) with the weights of `source`.
 
@@ -89,11 +112,7 @@ def load_model(source: str | Path, device: str = "auto", tokenizer: str | Path |
     init_distributed(1, dev.type)  # megatron-core's layers need their (trivial) process groups
     cfg = ModelConfig(**{k: v for k, v in model_cfg.items() if k in ModelConfig.__dataclass_fields__})
     model = GPT(cfg, attention="sdpa", on_cuda=dev.type == "cuda")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if not m.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model it describes: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    load_full_tensors(model, tensors, path)
     model = model.to(dev).eval()
     tok = load_tokenizer(tok_source) if tok_source is not None and Path(tok_source).exists() else None
     return LoadedModel(model, tok, model_cfg, path, manifest, dev)
