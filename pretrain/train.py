@@ -210,7 +210,8 @@ class Trainer:
                 watchdog.beat(f"eval at step {self.step}")
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
-            if last or stopping or (interval and self.step % interval == 0):
+            periodic = interval and self.step % interval == 0 and not self.guard.last.streak  # not mid-streak
+            if last or stopping or periodic:
                 self.save()
                 watchdog.beat(f"checkpoint at step {self.step}")
             if stopping:

@@ -67,7 +67,7 @@ def test_dry_run_slurm_inside_allocation_prints_srun(capsys, monkeypatch):
     assert ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] == command[1:5]
     port = launch.slurm.PORT_BASE + 4242 % launch.slurm.PORT_RANGE
     for arg in ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d", f"--rdzv_endpoint=gpu-node-007:{port}",
-                "--rdzv_id=slurm-4242", "run.name=my-run"]:  # the run is named after the job, so it resumes
+                "--rdzv_id=slurm-4242", "run.name=my-run-4242"]:  # named after the job: its requeues resume
         assert arg in command
 
 

@@ -255,7 +255,7 @@ def tokenizer_source(dataset_dir: str | Path) -> Path | None:
 
 def remove_interrupted(root: Path) -> None:
     """Delete the temp directories of saves that never finished (a crash or kill mid-save)."""
-    for tmp in root.glob(f"{TMP_PREFIX}step_*"):
+    for tmp in root.glob(f"{TMP_PREFIX}*step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -125,11 +125,14 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
                             layout=dict(meta.get("layout", {}), world_size=world))
             write_json_atomic(tmp / "manifest.json", manifest)
             fsync_dir(tmp)
-            if final.exists():  # the same step saved before (e.g. a resumed run's final save)
-                shutil.rmtree(tmp)
+            if final.exists():  # the same step saved before (a resumed run, perhaps from a damaged copy)
+                old = root / f"{TMP_PREFIX}old-{name}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(final)
-                fsync_dir(root)
+            fsync_dir(root)
             write_latest(root, name)
             prune(root, keep_last)
         except OSError as err:
