@@ -230,6 +230,8 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ConversionError(f"{config_path}: not a JSON object; HF_DIR must be a Hugging Face model directory")
     try:
         model = model_config_from_hf(config, config_path)
+    except ConversionError:
+        raise
     except KeyError as err:
         raise ConversionError(f"{config_path}: has no {err.args[0]!r}; not a complete Llama config") from None
     except (TypeError, ValueError, ZeroDivisionError) as err:

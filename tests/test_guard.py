@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import TINY, run_distributed
@@ -107,3 +108,36 @@ def test_nan_gradients_with_finite_loss_are_skipped(tmp_path: Path) -> None:
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
     assert math.isfinite(records[2]["loss"]) and math.isnan(records[2]["grad_norm"])
     assert math.isfinite(records[3]["loss"]) and math.isfinite(records[3]["grad_norm"])
+
+
+def _decide_without_sync() -> dict:
+    import torch.distributed as dist
+
+    from pretrain.config import GuardConfig
+    from pretrain.guard import StepGuard
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl")
+    device = torch.device("cuda", 0)
+    guard = StepGuard(GuardConfig(min_history=2, window=4), device)
+    param = torch.nn.Parameter(torch.ones(64, device=device))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    snapshots = []
+    for step, loss in enumerate([2.0, 1.9, 1.8, float("nan"), 1.7]):
+        param.grad = torch.full_like(param, 0.5)
+        torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+        bad = guard.judge(torch.tensor(loss, device=device), 1, param.grad.norm())
+        guard.gate(optimizer, bad)
+        optimizer.step()
+        torch.cuda.set_sync_debug_mode(0)
+        snapshots.append((param.detach().clone(), {k: v.clone() for k, v in optimizer.state[param].items()}))
+    verdict = guard.read()
+    before, after = snapshots[2], snapshots[3]
+    untouched = torch.equal(before[0], after[0]) and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    return {"untouched": untouched, "skipped": verdict.skipped_steps, "adam_step": float(snapshots[-1][1]["step"])}
+
+
+@pytest.mark.gpu
+def test_guard_decides_on_the_gpu_without_a_host_sync() -> None:
+    result = run_distributed(_decide_without_sync, 1)[0]
+    assert result == {"untouched": True, "skipped": 1, "adam_step": 4.0}

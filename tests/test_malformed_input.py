@@ -186,7 +186,7 @@ CASES: list[tuple[str, Callable[[Path], None], Callable, str]] = [
     ("hf-config-no-hidden-size", lambda c: edit_json(c / "hf/config.json", lambda b: b.pop("hidden_size") and None),
      from_hf, "'hidden_size'"),
     ("hf-config-gpt2", lambda c: edit_json(c / "hf/config.json", lambda b: b.update(model_type="gpt2")),
-     from_hf, "only LlamaForCausalLM"),
+     from_hf, "model_type='gpt2', architectures=['LlamaForCausalLM']; only LlamaForCausalLM"),
     ("hf-weights-garbage", lambda c: (c / "hf/model.safetensors").write_bytes(b"\x10\x00" * 20), from_hf,
      "not a valid safetensors file"),
     ("hf-index-outside", lambda c: (c / "hf/model.safetensors.index.json").write_text(json.dumps(
