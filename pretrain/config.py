@@ -86,6 +86,16 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    shuffle_shards: int = 8
+    """Each reader mixes the documents of this many shards in a seeded random order (it holds them
+    in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
+    timeout: float = 300.0
+    """Seconds a shard read may go without receiving a byte before it fails (instead of hanging)."""
+    retries: int = 3
+    """Further attempts, with exponential backoff from 1 s, when a pipe:/http(s) shard cannot be read."""
+    on_bad_shard: str = "error"
+    """error: a missing, corrupt or unreachable shard stops the run, naming it | skip: warn, count
+    it in metrics.jsonl (skipped_shards) and go on without it."""
 
 
 @dataclass
@@ -182,6 +192,10 @@ class LauncherConfig:
     """auto = number of GPUs, or 2 on a CPU-only machine."""
     nnodes: int = 1
     """Nodes to run on. Under SLURM the allocation decides (sbatch --nodes); elsewhere > 1 needs rdzv_endpoint."""
+    threads_per_process: int = 0
+    """CPU threads (OMP_NUM_THREADS) per worker. 0 = OMP_NUM_THREADS if set, else this node's cores divided
+    by nproc_per_node. Runs meant to agree bit for bit need the same value: the thread count sets the order
+    of floating-point reductions."""
     max_restarts: int = 0
     """Elastic restarts of the whole worker group after a failure; each resumes from latest."""
     rdzv_timeout: int = 300
@@ -360,6 +374,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(cfg.launcher.threads_per_process >= 0, "launcher.threads_per_process",
+           f"got {cfg.launcher.threads_per_process}; use 0 (automatic) or a positive number of threads")
+    _check(cfg.data.on_bad_shard in ("error", "skip"), "data.on_bad_shard",
+           f"got {cfg.data.on_bad_shard!r}; allowed values: error, skip")
+    _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
+    _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
+    _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
     if cfg.data.name != "embedded":
         _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
                "(a directory written by tools/prepare_data.py)")

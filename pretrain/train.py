@@ -23,7 +23,10 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedded_corpus
+from pretrain.data.checks import check_dataset
+from pretrain.data.manifest import is_url
+from pretrain.data.shards import ReadOptions
 from pretrain.faults import FaultHook, NoFaults
 from pretrain.faults import from_config as faults_from_config
 from pretrain.guard import DivergedError, StepGuard
@@ -60,10 +63,16 @@ class StopSignal:
         return bool(flag.item())
 
 
-def dataset_dir(cfg: Config) -> Path:
+def dataset_dir(cfg: Config) -> Path | str:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
-    return Path(cfg.data.path)
+    return cfg.data.path if is_url(cfg.data.path) else Path(cfg.data.path)
+
+
+def data_options(cfg: Config) -> dict[str, Any]:
+    """The TokenLoader arguments that come from the data config group."""
+    return dict(shuffle_shards=cfg.data.shuffle_shards, on_bad_shard=cfg.data.on_bad_shard,
+                read_options=ReadOptions(timeout=cfg.data.timeout, retries=cfg.data.retries))
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -81,7 +90,7 @@ def mean_over_dp(value: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, **data_options(cfg))
     engine.eval()
     total = torch.zeros((), device=dims.device)
     batches = iter(loader)
@@ -184,7 +193,7 @@ class Trainer:
             record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                       "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
                       "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed,
-                      "skipped_steps": self.guard.last.skipped_steps}
+                      "skipped_shards": self.loader.skipped_shards, "skipped_steps": self.guard.last.skipped_steps}
             self.records.append(record)
             writer.write(record)
             wandb.log(record, self.step)
@@ -251,7 +260,7 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
     data_dir = dataset_dir(cfg)
-    vocab = load_tokenizer(data_dir).get_vocab_size()
+    vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
@@ -262,7 +271,7 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
+                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
                       faults or faults_from_config(cfg.faults, dims.rank))
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
