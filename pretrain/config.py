@@ -313,7 +313,8 @@ _NUMERIC: dict[str, _Rule] = {
     "model.rope_theta": _Rule(0, low_open=True), "model.norm_eps": _Rule(0, low_open=True),
     "model.init_std": _Rule(0, low_open=True),
     "parallel.tp": _positive(),
-    "data.embedded_vocab_size": _at_least(258),
+    "data.embedded_vocab_size": _at_least(258), "data.shuffle_shards": _at_least(0),
+    "data.timeout": _Rule(0, low_open=True, integer=False), "data.retries": _at_least(0),
     "optim.lr": _Rule(0, low_open=True), "optim.min_lr_ratio": _Rule(0, 1), "optim.warmup_steps": _at_least(0),
     "optim.weight_decay": _at_least(0, integer=False), "optim.beta1": _Rule(0, 1, high_open=True),
     "optim.beta2": _Rule(0, 1, high_open=True), "optim.eps": _Rule(0, low_open=True),
@@ -329,6 +330,7 @@ _NUMERIC: dict[str, _Rule] = {
     "checkpoint.interval": _at_least(0), "checkpoint.keep_last": _at_least(0),
     "launcher.nnodes": _positive(), "launcher.max_restarts": _at_least(0), "launcher.rdzv_timeout": _positive(),
     "launcher.rdzv_port": _Rule(1, 65535, integer=True, optional=True), "launcher.shutdown_timeout": _at_least(0),
+    "launcher.threads_per_process": _at_least(0),
     "faults.hang_step": _at_least(0), "faults.hang_seconds": _at_least(0, integer=False),
     "faults.kill_step": _at_least(0), "faults.rank": _at_least(0),
 }

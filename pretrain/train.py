@@ -294,8 +294,6 @@ def resume(trainer: Trainer) -> None:
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
         trainer.guard.load_state_dict(manifest.get("guard"))
-        if dims.is_main:
-            trim_metrics(cfg.run.dir, trainer.step)
         saved = manifest["layout"]
         log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
                   f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
@@ -303,6 +301,8 @@ def resume(trainer: Trainer) -> None:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
         checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)
         log(dims, f"initialised weights from {source}")
+    if dims.is_main:  # steps after the resumed one (all of them when starting over) are redone
+        trim_metrics(cfg.run.dir, trainer.step)
 
 
 def main(argv: list[str] | None = None) -> int:
