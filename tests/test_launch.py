@@ -114,3 +114,17 @@ def test_elastic_restart_resumes_after_a_worker_is_killed(tmp_path):
     text = log.read_text()
     assert "resuming from" in text, text[-3000:]
     assert (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
+
+
+def test_slurm_run_name_is_unique_per_job_and_stable_across_requeues(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NAME", "pretrain")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    names = []
+    for job_id in ("100", "101", "100"):  # two jobs of the same name; the first requeued (same id)
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        names.append(launch.slurm.job_overrides(["model=tiny"])[-1])
+    assert names == ["run.name=pretrain-100", "run.name=pretrain-101", "run.name=pretrain-100"]
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert launch.slurm.job_overrides([])[-1] == "run.name=pretrain-200_3"
+    assert launch.slurm.job_overrides(["run.dir=/x"]) == ["run.dir=/x"]  # an explicit run is kept
