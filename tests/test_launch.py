@@ -128,3 +128,13 @@ def test_slurm_run_name_is_unique_per_job_and_stable_across_requeues(monkeypatch
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert launch.slurm.job_overrides([])[-1] == "run.name=pretrain-200_3"
     assert launch.slurm.job_overrides(["run.dir=/x"]) == ["run.dir=/x"]  # an explicit run is kept
+
+
+def test_more_processes_than_gpus_is_a_config_error(capsys):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    args = ["--dry-run", f"launcher.nproc_per_node={gpus + 1}"] + (["train.device=cuda"] if not gpus else [])
+    assert launch_main.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("launcher.nproc_per_node" in err if gpus else "train.device" in err), err
