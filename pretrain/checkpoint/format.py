@@ -188,15 +188,16 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
         candidates = [latest] + [p for p in steps if p.name < latest.name]
     else:
         candidates = steps
+    passed_over = 0
     for ckpt in candidates:
         try:
             verify_checkpoint(ckpt)
         except CheckpointError as err:
-            bad = bad or str(err)
-            warnings.append(f"checkpoint {ckpt} does not verify ({err})")
+            bad, passed_over = bad or str(err), passed_over + 1
             continue
         if bad:
-            warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint: {bad}")
+            more = f" ({passed_over} newer checkpoints do not verify)" if passed_over > 1 else ""
+            warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint{more}: {bad}")
         return ckpt, warnings
     if bad:
         raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over with checkpoint.resume=false "
