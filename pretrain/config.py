@@ -45,7 +45,16 @@ class ModelConfig:
     """Share the input embedding with the output projection."""
     init_std: float = 0.02
     attention: str = "auto"
-    """auto | flash | sdpa. auto = flash-attn when CUDA and the package are present, else SDPA."""
+    """auto | flash | flex | sdpa. auto = flash-attn for bf16 on CUDA when the package imports; else on
+    CUDA flex (FlexAttention for batches with document boundaries, SDPA's flash/cuDNN kernel for whole
+    documents); on CPU sdpa. flex trains only on CUDA (pretrain/model/attention.py)."""
+    compile: Optional[bool] = None
+    """torch.compile each transformer block. None = on for CUDA, off on CPU (where compiling costs
+    minutes and a C compiler for a small gain)."""
+    fused_qkv: bool = True
+    """One matmul for q, k and v (qkv_proj) instead of three; checkpoints are the same either way."""
+    fused_mlp: bool = True
+    """One matmul for SwiGLU's gate and up projections (gate_up_proj); checkpoints are the same either way."""
     activation_checkpointing: str = "none"
     """none | full (recompute each block) | selective (recompute attention core and activations)."""
 
@@ -162,6 +171,8 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 100
     """Save every N steps and at the end; 0 = only at the end."""
+    save_final: bool = True
+    """Save when the run reaches train.max_steps (a stop signal always saves); false for benchmarks."""
     keep_last: int = 2
     """Keep this many newest checkpoints; 0 keeps all."""
     resume: bool = True
@@ -260,7 +271,7 @@ def _register() -> None:
 
 
 _CHOICES = {
-    "model.attention": ("auto", "flash", "sdpa"),
+    "model.attention": ("auto", "flash", "flex", "sdpa"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
