@@ -96,14 +96,16 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": seed,
         "split": first["split"],
         "sources": sources,
-        "mixture": {"dp_size": dp_size, "draws": [s["draws"] for s in ordered]},
+        "mixture": {"dp_size": dp_size, "draws": [s["draws"] for s in ordered],
+                    "lane_draws": [s["lane_draws"] for s in ordered]},
     }
 
 
 def localize_state(
     state: dict[str, Any], sources: list[Source], seed: int, split: str, dp_rank: int, dp_size: int
-) -> tuple[list[tuple[int, Consumed]], int]:
-    """This rank's share of a global state: per source (start epoch, consumed), and the mixture draw count."""
+) -> tuple[list[tuple[int, Consumed]], int, list[int]]:
+    """This rank's share of a global state: per source (start epoch, consumed), the mixture draw
+    count and, per source, the samples drawn (which choose the lane of the next one)."""
     if state.get("kind") == "rank":
         state = merge_rank_states([state])  # only valid when it was a single-rank run
     if state.get("version") == 1:
@@ -137,5 +139,6 @@ def localize_state(
                     consumed.setdefault(epoch, {})[index] = _decode_progress(entry)
         result.append((int(saved["epoch"]), consumed))
     mixture = state.get("mixture", {})
-    draws = mixture["draws"][dp_rank] if mixture.get("dp_size") == dp_size else 0
-    return result, draws
+    if mixture.get("dp_size") != dp_size:  # another layout: lanes and mixture draws start afresh
+        return result, 0, [0] * len(sources)
+    return result, mixture["draws"][dp_rank], list(mixture["lane_draws"][dp_rank])
