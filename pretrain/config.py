@@ -88,6 +88,11 @@ class DataConfig:
     shuffle_shards: int = 8
     """Each reader mixes the documents of this many shards in a seeded random order (it holds them
     in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
+    num_workers: int = 0
+    """0: batches are prepared in the training process; N >= 1: in a background process per rank that
+    reads N shards at a time (downloads and decoding overlap training)."""
+    prefetch: int = 4
+    """Batches the background process prepares ahead (with num_workers >= 1); pinned on CUDA."""
     timeout: float = 300.0
     """Seconds a shard read may go without receiving a byte before it fails (instead of hanging)."""
     retries: int = 3
@@ -265,6 +270,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"got {nproc!r}; use auto or a positive integer")
     _check(cfg.data.on_bad_shard in ("error", "skip"), "data.on_bad_shard",
            f"got {cfg.data.on_bad_shard!r}; allowed values: error, skip")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.data.prefetch >= 1, "data.prefetch", f"must be >= 1, got {cfg.data.prefetch}")
     _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
     _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
     _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")

@@ -27,6 +27,7 @@ from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedde
 from pretrain.data.checks import check_dataset
 from pretrain.data.manifest import is_url
 from pretrain.data.shards import ReadOptions
+from pretrain.data.workers import make_loader
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
@@ -218,7 +219,9 @@ def build(cfg: Config) -> Trainer:
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
-    loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
+    loader = make_loader(cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
+                         dataset_dir=data_dir, split="train", seq_len=cfg.train.seq_len,
+                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "

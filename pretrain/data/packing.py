@@ -14,6 +14,7 @@ import itertools
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Source:
         self.on_bad_shard = on_bad_shard
         self.skipped: list[str] = []
         self.cache_shards = 2  # documents of this many recently read shards stay in memory
+        self.prefetch: Executor | None = None  # set to read the shards of a group concurrently
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._verified: set[int] = set()
         for shard in self.shards:
@@ -96,6 +98,16 @@ class Source:
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return docs
+
+    def read_many(self, indices: list[int]) -> None:
+        """Read several shards into the cache, concurrently when a ``prefetch`` pool is set."""
+        todo = [i for i in indices if i not in self._cache]
+        if self.prefetch is None or len(todo) < 2:
+            return
+        for i, docs in zip(todo, self.prefetch.map(self._read, todo)):
+            self._cache[i] = docs
+        while len(self._cache) > max(self.cache_shards, len(indices)):
+            self._cache.popitem(last=False)
 
     def _read(self, index: int) -> list[np.ndarray]:
         shard, url = self.shards[index], self.url(index)
@@ -128,6 +140,7 @@ def _group_documents(source: Source, group: list[int], progress: dict[int, Shard
     """(shard, doc, tokens) of a group of shards: in file order, or permuted by ``key``; tokens is
     None for a document of a shard already finished."""
     docs: list[tuple[int, int, np.ndarray | None]] = []
+    source.read_many([i for i in group if not (i in progress and progress[i].full)])
     for i in group:  # a finished shard is not read, but keeps its places so the order stays the same
         if i in progress and progress[i].full:
             docs += [(i, d, None) for d in range(source.shards[i].documents)]

@@ -101,12 +101,23 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _own_rank_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A rank's own state in the global form, for the same rank of the same layout."""
+    draws, lanes = [0] * state["dp_size"], [[0] * len(state["sources"])] * state["dp_size"]
+    draws[state["dp_rank"]], lanes[state["dp_rank"]] = state["draws"], state["lane_draws"]
+    return {"version": STATE_VERSION, "kind": "global", "seed": state["seed"], "split": state["split"],
+            "sources": state["sources"], "mixture": {"dp_size": state["dp_size"], "draws": draws, "lane_draws": lanes}}
+
+
 def localize_state(
     state: dict[str, Any], sources: list[Source], seed: int, split: str, dp_rank: int, dp_size: int
 ) -> tuple[list[tuple[int, Consumed]], int, list[int]]:
     """This rank's share of a global state: per source (start epoch, consumed), the mixture draw
     count and, per source, the samples drawn (which choose the lane of the next one)."""
-    if state.get("kind") == "rank":
+    if state.get("kind") == "rank" and state.get("version") == STATE_VERSION and state["dp_size"] > 1 \
+            and (state["dp_rank"], state["dp_size"]) == (dp_rank, dp_size):
+        state = _own_rank_state(state)  # a rank continuing from its own state: the others' do not matter
+    elif state.get("kind") == "rank":
         state = merge_rank_states([state])  # only valid when it was a single-rank run
     if state.get("version") == 1:
         raise StateError("the checkpoint's data position was saved before documents were shuffled (loader state "
