@@ -34,7 +34,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, split: str, tokens_per_shard: int, dtype: np.dtype | str,
-                 first_shard: int = 0):
+                 first_shard: int = 0, first_key: int = 0):
         if tokens_per_shard < 1:
             raise ValueError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}")
         self.out_dir = Path(out_dir)
@@ -48,7 +48,7 @@ class ShardWriter:
         self._path: Path | None = None
         self._docs = 0
         self._tokens = 0
-        self._next_key = 0
+        self._next_key = first_key  # documents numbered across the split (continued on resume)
 
     def add(self, tokens: np.ndarray) -> None:
         """Append one document (a 1-D array of token ids, EOS already appended)."""
