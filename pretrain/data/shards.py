@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import queue
+import re
 import tarfile
 import threading
 import time
@@ -181,8 +182,25 @@ class _TimedStream(io.RawIOBase):
         super().close()
 
 
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d+),?\), \}\s*")
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """A .npy member as an array. numpy's own header parser (ast.literal_eval) costs more than the
+    data for short documents, so the one header layout our writer produces is parsed directly;
+    anything else goes through np.load (never with pickle)."""
+    if data[:8] in (b"\x93NUMPY\x01\x00",) and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data[10:end])
+        if match:
+            dtype, count = np.dtype(match.group(1).decode()), int(match.group(2))
+            if len(data) - end == count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count, offset=end)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _decode(url: str, name: str, data: bytes, opts: ReadOptions) -> np.ndarray:
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    arr = _load_npy(data)
     allowed = (opts.dtype,) if opts.dtype else ("uint16", "uint32")
     if arr.dtype.name not in allowed or arr.ndim != 1:
         raise DatasetError(f"{url}: member {name} holds {arr.dtype.name} of shape {arr.shape}, expected a 1-D "
