@@ -479,3 +479,26 @@ def test_embedded_corpus_is_built_once_under_concurrency(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [Path(outs[0]).name]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     read_manifest(outs[0])
+
+
+def test_mixture_token_proportions_are_within_one_percent_over_a_million_tokens(tmp_path: Path):
+    a = make_dataset(tmp_path / "a", num_shards=4, first_value=1)
+    b = make_dataset(tmp_path / "b", num_shards=4, first_value=40000, seed=2)
+    spec = [(a, 0.7), (b, 0.3)]
+    kw = dict(split="train", seq_len=256, micro_batch_size=8, dp_rank=0, dp_size=1, seed=3)
+    loader = TokenLoader(spec, **kw)
+    it = iter(loader)
+    batches = take(it, 1_000_000 // (256 * 8) + 1)  # past 10^6 tokens; the datasets repeat for many epochs
+    rows = torch.cat([x.input_ids for x in batches])
+    share_a = (rows < 40000).all(dim=1).float().mean().item()
+    assert abs(share_a - 0.7) < 0.01
+    resumed = TokenLoader(spec, **kw)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(take(iter(resumed), 30), take(it, 30))
+
+
+def test_config_names_a_mixture_of_sources():
+    from pretrain.config import compose
+
+    cfg = compose(["data=prepared", "data.sources=[{path: /a, weight: 0.7}, {path: /b, weight: 0.3}]"], world_size=1)
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [("/a", 0.7), ("/b", 0.3)]

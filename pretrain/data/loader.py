@@ -6,13 +6,12 @@ documents in a seeded random order (a shuffle spanning several shards, so consec
 not all come from one part of the corpus). The documents are packed back to back into samples of seq_len + 1
 tokens overlapping by one (input_ids = sample[:-1], labels = sample[1:]); position_ids restart at
 0 at every document start so attention can keep documents apart. Several datasets can be mixed by
-weight: each sample comes whole from one source, chosen by a seeded hash of the sample number.
+weight: each sample comes whole from one source, the one furthest below its share so far.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from pretrain.data.manifest import DatasetError
 from pretrain.data.packing import Consumed, Packer, Source, iter_pieces
-from pretrain.data.sampling import choose_source, rank_shards
+from pretrain.data.sampling import blend_source, rank_shards
 from pretrain.data.shards import ReadOptions
 from pretrain.data.state import STATE_VERSION, localize_state, merge_rank_states, source_state
 
@@ -82,7 +81,7 @@ class TokenLoader:
             raise ValueError(f"shuffle_shards must be >= 0, got {shuffle_shards}")
         self.shuffle_shards = shuffle_shards
         self.sources = [Source(d, split, verify_checksums, read_options, on_bad_shard) for d, _ in specs]
-        self._cumulative = list(itertools.accumulate(float(w) for _, w in specs))
+        self._weights = [float(w) for _, w in specs]
         for source in self.sources:
             if len(source.shards) < dp_size:
                 raise DatasetError(
@@ -129,7 +128,7 @@ class TokenLoader:
             for _ in range(self.micro_batch_size):
                 if generation != self._generation:
                     raise RuntimeError("load_state_dict() was called; start a new iteration over the loader")
-                k = 0 if len(packers) == 1 else choose_source(self._cumulative, self.seed, self.dp_rank, self._draws)
+                k = 0 if len(packers) == 1 else blend_source(self._weights, self._lane_draws)
                 samples.append(packers[k][self._lane_draws[k] % self.lanes].next_sample())
                 self._draws += 1
                 self._lane_draws[k] += 1
