@@ -150,6 +150,8 @@ def write_dataset(
             ends[split] = index + 1
             _save_progress(work, settings, done, writers, ends)
 
+    if workers == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
     bar = _Progress(total_bytes, progress)
     pool = get_context("spawn").Pool(workers, _init_worker, (tokenizer.to_str(), eos, dtype.name)) if workers > 1 else None
     try:
