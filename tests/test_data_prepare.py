@@ -99,3 +99,30 @@ def test_val_split_is_never_empty_and_has_min_val_shards(tmp_path: Path, tokeniz
     assert len(val) + len(train) == len(TEXTS) and val
     with pytest.raises(DatasetError, match="--min-val-shards"):
         write_dataset(docs[:3], tok, tmp_path / "tiny", 0.5, 300, min_val_shards=5)
+
+
+def test_megatron_indexed_dataset_is_imported_document_for_document(tmp_path: Path, tokenizer: Path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    docs = [tok.encode(t).ids for t in TEXTS[:40]]
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for ids in docs:  # as Megatron's preprocess_data writes them, with the end-of-document token
+        builder.add_document(torch.tensor(ids + [0]), [len(ids) + 1])
+    builder.finalize(f"{prefix}.idx")
+
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.pop(0)
+    assert prepare_data.main(["--from-megatron", prefix, "--tokenizer", str(tokenizer), "--out", str(tmp_path / "ds"),
+                              "--val-fraction", "0.1", "--tokens-per-shard", "300", "--min-val-shards", "2"]) == 0
+    m = read_manifest(tmp_path / "ds")
+    read = [d.tolist() for split in ("train", "val") for s in m.splits[split] for d in shard_tokens(tmp_path / "ds", s.file)]
+    assert sorted(read) == sorted(ids + [0] for ids in docs) and len(m.splits["val"]) >= 2

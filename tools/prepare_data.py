@@ -25,12 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pretrain, installed or not
 
 from pretrain.data.manifest import DatasetError, read_manifest
-from pretrain.data.prepare import DEFAULT_TOKENS_PER_SHARD, prepare_dataset
+from pretrain.data.prepare import DEFAULT_TOKENS_PER_SHARD, import_megatron, prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--from-megatron", metavar="PREFIX", default=None,
+                        help="import a Megatron-LM / GPT-NeoX indexed dataset PREFIX.bin + PREFIX.idx "
+                             "(already tokenized with --tokenizer) instead of tokenizing --input")
+    parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="text/.jsonl files or directories to tokenize")
     parser.add_argument("--tokenizer", required=True, metavar="PATH",
                         help="tokenizer.json, a directory holding one, or an existing dataset directory")
@@ -51,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="shard size of the val split (default: --tokens-per-shard)")
     args = parser.parse_args(argv)
     try:
-        out = prepare_dataset(args.input, args.tokenizer, args.out, args.val_fraction,
-                              args.tokens_per_shard, args.val_tokens_per_shard, workers=args.workers,
-                              text_field=args.text_field, min_val_shards=args.min_val_shards,
-                              progress=not args.no_progress)
+        if args.from_megatron:
+            out = import_megatron(args.from_megatron, args.tokenizer, args.out, args.val_fraction,
+                                  args.tokens_per_shard, args.min_val_shards)
+        elif not args.input:
+            parser.error("one of --input or --from-megatron is required")
+        else:
+            out = prepare_dataset(args.input, args.tokenizer, args.out, args.val_fraction,
+                                  args.tokens_per_shard, args.val_tokens_per_shard, workers=args.workers,
+                                  text_field=args.text_field, min_val_shards=args.min_val_shards,
+                                  progress=not args.no_progress)
     except (DatasetError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -80,7 +80,7 @@ class _Progress:
             elapsed = max(self._bar.format_dict["elapsed"], 1e-9)
             self._bar.set_postfix(docs=f"{self.docs:,}", tokens=f"{self.tokens:,}", tok_s=f"{self.tokens / elapsed:,.0f}",
                                   refresh=False)
-            self._bar.update(sum(len(t) for t in texts))
+            self._bar.update(sum(len(t) if isinstance(t, str) else 2 * t.size for t in texts))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -116,8 +116,9 @@ def write_dataset(
     min_val_shards: int = 1,
     total_bytes: int = 0,
     progress: bool = False,
+    pretokenized: bool = False,
 ) -> Path:
-    """Tokenize (doc_id, text) pairs into train/val shards plus tokenizer and manifest at ``out_dir``.
+    """Tokenize (doc_id, text) pairs (or take (doc_id, token array) pairs when ``pretokenized``) into train/val shards plus tokenizer and manifest at ``out_dir``.
 
     With ``val_fraction > 0`` the val split gets at least ``min_val_shards`` shards: if too few
     documents hash into it, the last training documents are moved there.
@@ -153,7 +154,8 @@ def write_dataset(
     if workers == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
     bar = _Progress(total_bytes, progress)
-    pool = get_context("spawn").Pool(workers, _init_worker, (tokenizer.to_str(), eos, dtype.name)) if workers > 1 else None
+    pool = (get_context("spawn").Pool(workers, _init_worker, (tokenizer.to_str(), eos, dtype.name))
+            if workers > 1 and not pretokenized else None)
     try:
         numbered = ((i, doc) for i, doc in enumerate(documents) if i >= start)
         batches = _batched(numbered, batch_docs)
@@ -170,6 +172,8 @@ def write_dataset(
                     b, r = pending.popleft()
                     yield b, r.get()
             encoded = results()
+        elif pretokenized:
+            encoded = ((b, [np.asarray(t, dtype=dtype) for t in texts_of(b)]) for b in batches)
         else:
             encoded = ((b, encode_documents(tokenizer, texts_of(b), eos, dtype)) for b in batches)
         for batch, arrays in encoded:
@@ -289,3 +293,40 @@ def prepare_dataset(
         total_bytes=input_bytes(inputs) if progress else 0,
         progress=progress,
     )
+
+
+def megatron_documents(prefix: str, eos: int, vocab: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(doc_id, tokens + EOS) of a Megatron-LM / GPT-NeoX indexed dataset (PREFIX.bin + PREFIX.idx),
+    read with megatron-core's own IndexedDataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
+        raise DatasetError(f"{prefix}: expected {prefix}.bin and {prefix}.idx (a Megatron indexed dataset prefix)")
+    data = IndexedDataset(prefix)
+    bounds = data.document_indices
+    name = Path(prefix).name
+    for i in range(len(bounds) - 1):
+        parts = [np.asarray(data[j], dtype=np.int64) for j in range(bounds[i], bounds[i + 1])]
+        tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if tokens.size and tokens.max() >= vocab:
+            raise DatasetError(f"{prefix}: document {i} has token id {tokens.max()} >= the tokenizer's {vocab}; "
+                               f"pass the tokenizer the dataset was made with")
+        if tokens.size and tokens[-1] != eos:
+            tokens = np.append(tokens, eos)  # documents end with EOS here, as the packer expects
+        if tokens.size:
+            yield f"{name}:{i}", tokens
+
+
+def import_megatron(prefix: str, tokenizer: str | Path, out_dir: str | Path, val_fraction: float = 0.01,
+                    tokens_per_shard: int = DEFAULT_TOKENS_PER_SHARD, min_val_shards: int = 1) -> Path:
+    """The library side of tools/prepare_data.py --from-megatron PREFIX."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; choose a new --out directory "
+                              f"(existing datasets are never overwritten)")
+    if out.exists():
+        out.rmdir()
+    tok = load_tokenizer(tokenizer)
+    docs = megatron_documents(prefix, eos_id(tok), tok.get_vocab_size())
+    return write_dataset(docs, tok, out, val_fraction, tokens_per_shard, metadata={"megatron_prefix": str(prefix)},
+                         min_val_shards=min_val_shards, pretokenized=True)
