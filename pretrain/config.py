@@ -84,6 +84,14 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = "???"
+    """A dataset directory or URL (as data.path)."""
+    weight: float = 1.0
+    """Share of the training tokens drawn from this source (weights are normalised)."""
+
+
+@dataclass
 class DataConfig:
     name: str = "embedded"
     """embedded = the corpus built from this Python installation; otherwise a prepared dataset."""
@@ -95,9 +103,17 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A training mixture, e.g. [{path: a, weight: 0.7}, {path: b, weight: 0.3}]; when set it replaces
+    data.path for training (evaluation reads the first source's val split)."""
     shuffle_shards: int = 8
     """Each reader mixes the documents of this many shards in a seeded random order (it holds them
     in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
+    num_workers: int = 0
+    """0: batches are prepared in the training process; N >= 1: in a background process per rank that
+    reads N shards at a time (downloads and decoding overlap training)."""
+    prefetch: int = 4
+    """Batches the background process prepares ahead (with num_workers >= 1); pinned on CUDA."""
     timeout: float = 300.0
     """Seconds a shard read may go without receiving a byte before it fails (instead of hanging)."""
     retries: int = 3
@@ -387,16 +403,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(all(src.weight > 0 for src in cfg.data.sources), "data.sources", "every weight must be > 0")
     _check(cfg.launcher.threads_per_process >= 0, "launcher.threads_per_process",
            f"got {cfg.launcher.threads_per_process}; use 0 (automatic) or a positive number of threads")
     _check(cfg.data.on_bad_shard in ("error", "skip"), "data.on_bad_shard",
            f"got {cfg.data.on_bad_shard!r}; allowed values: error, skip")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.data.prefetch >= 1, "data.prefetch", f"must be >= 1, got {cfg.data.prefetch}")
     _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
     _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
     _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
     if cfg.data.name != "embedded":
-        _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
-               "(a directory written by tools/prepare_data.py)")
+        _check(bool(cfg.data.path or cfg.data.sources), "data.path", f"data.name={cfg.data.name} needs data.path "
+               "or data.sources (directories written by tools/prepare_data.py)")
     if cfg.logging.wandb == "online":
         _check(bool(cfg.logging.project), "logging.project", "wandb=online needs a project name")
     if world_size is not None:

@@ -27,6 +27,7 @@ from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedde
 from pretrain.data.checks import check_dataset
 from pretrain.data.manifest import is_url
 from pretrain.data.shards import ReadOptions
+from pretrain.data.workers import make_loader
 from pretrain.faults import FaultHook, NoFaults
 from pretrain.faults import from_config as faults_from_config
 from pretrain.guard import DivergedError, StepGuard
@@ -66,7 +67,15 @@ class StopSignal:
 def dataset_dir(cfg: Config) -> Path | str:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
-    return cfg.data.path if is_url(cfg.data.path) else Path(cfg.data.path)
+    path = cfg.data.path or cfg.data.sources[0].path
+    return path if is_url(path) else Path(path)
+
+
+def train_sources(cfg: Config, data_dir: Path | str) -> Any:
+    """The training data: the dataset, or the weighted mixture data.sources names."""
+    if not cfg.data.sources:
+        return data_dir
+    return [(s.path if is_url(s.path) else Path(s.path), s.weight) for s in cfg.data.sources]
 
 
 def data_options(cfg: Config) -> dict[str, Any]:
@@ -261,6 +270,8 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
     precision = resolve_precision(cfg.train.precision, dims.device)
     data_dir = dataset_dir(cfg)
     vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
+    for source in cfg.data.sources:
+        vocab = max(vocab, check_dataset(source.path, ["train"], dims.dp))
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
@@ -270,7 +281,9 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
-    loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
+    loader = make_loader(cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
+                         dataset_dir=train_sources(cfg, data_dir), split="train", seq_len=cfg.train.seq_len,
+                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
                       faults or faults_from_config(cfg.faults, dims.rank))
