@@ -71,6 +71,14 @@ class ParallelConfig:
     """Shard norms and activations along the sequence inside each tensor-parallel group."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3, sharding over the data-parallel group only."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO 1-3: reduce gradients during the backward on a side stream. null = on with CUDA, off on CPU."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1-3: elements per gradient reduce(-scatter) bucket (bigger = fewer, larger messages, more memory)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1-2: elements per parameter all-gather bucket after the step; ZeRO-3: prefetch bucket."""
+    contiguous_gradients: bool = True
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
 
 
 @dataclass
@@ -101,6 +109,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
+    fused: Optional[bool] = None
+    """torch's fused AdamW kernel (true) or its foreach kernel (false). null = fused on CUDA and CPU."""
 
 
 @dataclass
@@ -114,7 +124,10 @@ class TrainConfig:
     """If set, grad_accum_steps is derived: global_batch_tokens / (micro_batch_size * seq_len * dp)."""
     seed: int = 1234
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16. fp32 on CUDA uses TF32 matmuls."""
+    grad_reduce_dtype: str = "fp32"
+    """fp32 | bf16: with bf16, the dtype gradients are accumulated over micro-batches (ZeRO 1-3; DeepSpeed
+    accumulates in bf16 at ZeRO-0) and all-reduced / reduce-scattered over data-parallel ranks in."""
     device: str = "auto"
     """auto | cpu | cuda."""
     eval_interval: int = 50
@@ -206,6 +219,7 @@ _CHOICES = {
     "model.activation_checkpointing": ("none", "full", "selective"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
@@ -247,6 +261,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    for key, value in [("parallel.reduce_bucket_size", p.reduce_bucket_size),
+                       ("parallel.allgather_bucket_size", p.allgather_bucket_size)]:
+        _check(value > 0, key, f"must be a positive number of elements, got {value}")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
