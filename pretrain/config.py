@@ -134,7 +134,8 @@ class TrainConfig:
     """Evaluate on held-out data every N steps (and at the end); 0 disables."""
     eval_batches: int = 4
     log_interval: int = 10
-    """Console progress every N steps (metrics.jsonl gets every step)."""
+    """Console progress every N steps. Losses and gradient norms stay on the device in between and are read
+    (and averaged over data-parallel ranks) once per interval; metrics.jsonl still gets every step."""
 
 
 @dataclass

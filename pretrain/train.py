@@ -2,7 +2,9 @@
 
 The loop does not know the ZeRO stage or the TP size: the engine, the model's layers and the
 checkpoint module do. A SIGTERM/SIGUSR1 (sent before a SLURM time limit or by a preemption)
-finishes the current step, writes a checkpoint and exits 0; the next start resumes from it.
+is agreed by all ranks one step later (pretrain.train.StopSignal), then a checkpoint is written and
+the process exits 0; the next start resumes from it. Losses and gradient norms are read from the
+device once per log interval (pretrain.step_metrics), never per step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
+from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
+from pretrain.step_metrics import StepMetrics
 
 
 def log(dims: ParallelDims, message: str) -> None:
@@ -40,31 +44,44 @@ def log(dims: ParallelDims, message: str) -> None:
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary with a checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any = None) -> None:
         self.received: int | None = None
+        self._group = group  # a gloo group: the flag never waits for the GPU
+        self._pending: tuple[Any, torch.Tensor] | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank got the signal (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """True on every rank, at the same step, once any rank got the signal. Each call starts a
+        host-side all-reduce of the flag and reads the previous call's, which finished meanwhile:
+        a stop is agreed one step after the signal, without a per-step wait for the device."""
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def host_group() -> Any:
+    """A process group over CPU tensors (gloo) for small host-side flags: the default group when it
+    is gloo, else a new one (collective: every rank calls this at the same point)."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def dataset_dir(cfg: Config) -> Path:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
     return Path(cfg.data.path)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
 
 
 def mean_over_dp(value: torch.Tensor) -> float:
@@ -98,6 +115,8 @@ class Trainer:
     precision: str
     step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+    host_group: Any = None
+    """A gloo group for host-side flags (pretrain.train.host_group); None = the default group."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -124,13 +143,14 @@ class Trainer:
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
-    def train_step(self, batches: Iterator) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr)."""
+    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, Any, float]:
+        """One optimizer step over grad_accum micro-batches; returns (this rank's mean loss, grad norm, lr),
+        loss and norm as device tensors where DeepSpeed keeps them so (read at log time)."""
         engine, device = self.engine, self.dims.device
         lr = learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(engine, lr)
         reports_norm = deepspeed_reports_grad_norm(engine)
-        loss_sum, norm = torch.zeros((), device=device), float("nan")
+        loss_sum, norm = torch.zeros((), device=device), torch.tensor(float("nan"))
         for _ in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
             loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids.to(device))
@@ -141,8 +161,8 @@ class Trainer:
             loss_sum += loss.detach().float()
         self.step += 1
         if reports_norm:
-            norm = float(engine.get_global_grad_norm())
-        return mean_over_dp(loss_sum / engine.gradient_accumulation_steps()), norm, lr
+            norm = engine.get_global_grad_norm()
+        return loss_sum / engine.gradient_accumulation_steps(), norm, lr
 
     def run(self) -> list[dict[str, Any]]:
         cfg, dims = self.cfg, self.dims
@@ -152,41 +172,42 @@ class Trainer:
         writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
         wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
                             to_dict(cfg), enabled=dims.is_main)
-        stop = StopSignal()
+        stop = StopSignal(self.host_group)
+        metrics = StepMetrics(dims.device, parallel_state.get_data_parallel_group(), dims.dp, self.tokens_per_step,
+                              model_flops, peak)
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
         while self.step < cfg.train.max_steps:
-            start = time.perf_counter()
+            metrics.step_started()
             loss, norm, lr = self.train_step(batches)
-            if dims.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            tokens_per_sec = self.tokens_per_step / elapsed
-            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                      "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
-                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed}
-            self.records.append(record)
-            writer.write(record)
-            wandb.log(record, self.step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
+            metrics.add(self.step, loss, norm, lr, self.step * self.tokens_per_step)
             last = self.step == cfg.train.max_steps
-            if self.step % cfg.train.log_interval == 0 or last or self.step == first_step + 1:
+            stopping = stop.agreed()
+            interval = cfg.checkpoint.interval
+            saving = last or stopping or bool(interval and self.step % interval == 0)
+            evaluating = bool(cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last))
+            if saving or evaluating or self.step % cfg.train.log_interval == 0 or self.step == first_step + 1:
+                for record in metrics.flush():  # every step since the last boundary, read at once
+                    self.records.append(record)
+                    writer.write(record)
+                    wandb.log(record, record["step"])
+                    if not math.isfinite(record["loss"]):
+                        raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}; "
+                                                 "lower optim.lr or check the data")
                 eta = (time.perf_counter() - run_start) / (self.step - first_step) * (cfg.train.max_steps - self.step)
                 log(dims, console_line(record, cfg.train.max_steps, eta))
-            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
+            if evaluating:
                 eval_loss = evaluate(self.engine, self.data_dir, cfg, dims)
                 writer.write({"step": self.step, "eval_loss": eval_loss})
                 wandb.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
-            stopping = stop.agreed(dims.device)
-            interval = cfg.checkpoint.interval
-            if last or stopping or (interval and self.step % interval == 0):
+            if saving:
                 self.save()
             if stopping:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")
                 break
+        stop.close()
         writer.close()
         wandb.close()
         return self.records
@@ -197,6 +218,7 @@ def build(cfg: Config) -> Trainer:
     dims = init_distributed(cfg.parallel.tp, device_kind)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
+    configure_matmul_precision(precision, dims.device)
     data_dir = dataset_dir(cfg)
     vocab = load_tokenizer(data_dir).get_vocab_size()
     if vocab > cfg.model.vocab_size:
@@ -210,7 +232,7 @@ def build(cfg: Config) -> Trainer:
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
-    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
+    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, host_group=host_group())
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
               f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
               f"{trainer.tokens_per_step} tokens/step")

@@ -8,14 +8,14 @@ actually contains a boundary.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 
 def flash_attn_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    from pretrain.flash import flash_attn_importable
+
+    return torch.cuda.is_available() and flash_attn_importable()
 
 
 def resolve_backend(requested: str, device: torch.device, precision: str) -> str:

@@ -102,9 +102,10 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
-def grad_norm(engine) -> float:
+def grad_norm(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
-    counting TP-replicated parameters once, as DeepSpeed does."""
+    counting TP-replicated parameters once, as DeepSpeed does. A device tensor: reading it is
+    left to the metrics, once per log interval."""
     from megatron.core import parallel_state
 
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
@@ -113,4 +114,4 @@ def grad_norm(engine) -> float:
     local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)
     total = local.float().pow(2)
     torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return float(total.sqrt())
+    return total.sqrt()
