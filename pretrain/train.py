@@ -29,7 +29,8 @@ from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer,
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
+from pretrain.parallel import zero3
+from pretrain.parallel.engine import build_engine, deepspeed_config, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
@@ -225,10 +226,15 @@ def build(cfg: Config) -> Trainer:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
-    model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                on_cuda=dims.device.type == "cuda").to(dims.device)
+    accum, zero_stage = grad_accum_steps(cfg, dims.dp), cfg.parallel.zero_stage
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with zero3.construction_context(zero_stage, deepspeed_config(cfg, accum, precision), dtype, dims.device):
+        model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
+                    on_cuda=dims.device.type == "cuda")
+    if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
+        model = model.to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
-    engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
+    engine = build_engine(model, cfg, accum, precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
-from megatron.core import parallel_state
 
 from pretrain.checkpoint.format import MOMENTS
 from pretrain.parallel.engine import base_optimizer
+from pretrain.parallel.zero3 import is_partitioned, write_partition
 
 __all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "set_optimizer_step",
            "materialize_optimizer_state", "master_param"]
@@ -66,14 +65,9 @@ def set_param(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Set the fp32 master (wherever it lives) and the compute copy the next forward uses, so a
     loaded or imported weight survives the next optimizer step."""
     value = value.to(param.device, torch.float32)
-    if hasattr(param, "ds_id"):  # ZeRO-3: fp32 master partition, then this rank's compute partition
+    if is_partitioned(param):  # ZeRO-3: fp32 master partition, then this rank's compute partition
         safe_set_full_fp32_param(param, value)
-        part = param.ds_tensor.numel()
-        flat = value.flatten()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        flat = F.pad(flat, (0, part * dp_size - flat.numel()))
-        start = part * parallel_state.get_data_parallel_rank()
-        param.ds_tensor.data.copy_(flat.narrow(0, start, part).to(param.ds_tensor.dtype))
+        write_partition(param, value)
         return
     if hasattr(param, "_hp_mapping"):
         safe_set_full_fp32_param(param, value)

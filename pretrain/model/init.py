@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.parallel.sharding import full_shape, shard
+from pretrain.parallel.zero3 import is_partitioned, write_partition
 
 
 def _std(name: str, init_std: float, num_layers: int) -> float:
@@ -26,13 +27,16 @@ def _std(name: str, init_std: float, num_layers: int) -> float:
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) -> None:
     for name, param in model.named_parameters():
-        if "norm" in name:
-            param.fill_(1.0)
-            continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         full = torch.empty(full_shape(param), dtype=torch.float32)
-        full.normal_(0.0, _std(name, init_std, num_layers), generator=generator)
-        param.copy_(shard(full, param))
+        if "norm" in name:
+            full.fill_(1.0)
+        else:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full.normal_(0.0, _std(name, init_std, num_layers), generator=generator)
+        if is_partitioned(param):  # built under ZeRO-3's zero.Init: write this rank's partition only
+            write_partition(param, shard(full, param))
+        else:
+            param.copy_(shard(full, param))
 
 
 def count_parameters(model: nn.Module) -> int:
