@@ -8,6 +8,7 @@ BF16 optimizer; ZeRO-2/3 its ZeRO optimizers. All four run here on CPU with gloo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ STEPS, SAVE_AT = 4, 2
 BASE = TINY + ["train.precision=bf16", "checkpoint.keep_last=0", "optim.lr=1e-2"]
 
 
-def _build(overrides: list[str], run_dir: Path):
+def _build(overrides: list[str], run_dir: Path, base: list[str] = BASE):
     from megatron.core import parallel_state
 
     from pretrain.config import compose
@@ -29,10 +30,10 @@ def _build(overrides: list[str], run_dir: Path):
 
     if parallel_state.model_parallel_is_initialized():  # the previous stage's grid
         parallel_state.destroy_model_parallel()
-    cfg = compose([*BASE, *overrides, f"run.dir={run_dir}"], world_size=2)
+    cfg = compose([*base, *overrides, f"run.dir={run_dir}"], world_size=int(os.environ["WORLD_SIZE"]))
     trainer = build(cfg)
-    trainer.loader = ResumableSynthetic(cfg.model.vocab_size, cfg.train.seq_len, 2, [trainer.dims.dp_rank],
-                                        seed=cfg.train.seed)
+    trainer.loader = ResumableSynthetic(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.micro_batch_size,
+                                        [trainer.dims.dp_rank], seed=cfg.train.seed)
     return cfg, trainer
 
 
@@ -43,7 +44,7 @@ def _regather(trainer, root: Path) -> str:
                                keep_last=0))
 
 
-def _stage(stage: int, root: Path) -> dict:
+def _stage(stage: int, root: Path, base: list[str] = BASE) -> dict:
     """Train, resume from the middle, and start a new run from the end, all at one ZeRO stage."""
     import torch.distributed as dist
 
@@ -52,14 +53,14 @@ def _stage(stage: int, root: Path) -> dict:
     stage_args = [f"parallel.zero_stage={stage}"]
     out: dict = {}
     _, trainer = _build([*stage_args, f"train.max_steps={STEPS}", f"checkpoint.interval={SAVE_AT}"],
-                        root / "full")
+                        root / "full", base)
     out["optimizer"] = type(trainer.engine.optimizer).__name__
     out["full"] = losses(trainer.run())
 
     saved = root / "full" / "checkpoints" / f"step_{SAVE_AT:08d}"
     resumed_dir = root / "resumed"
     cfg, trainer = _build([*stage_args, f"train.max_steps={STEPS}", "checkpoint.interval=0",
-                           "checkpoint.resume=false"], resumed_dir)
+                           "checkpoint.resume=false"], resumed_dir, base)
     if trainer.dims.is_main:
         shutil.copytree(saved, resumed_dir / "checkpoints" / saved.name)
         (resumed_dir / "checkpoints" / "latest").write_text(saved.name + "\n")
@@ -73,14 +74,14 @@ def _stage(stage: int, root: Path) -> dict:
     # fp32 master must hold the imported weights, or the first step would restore the random init.
     source = root / "full" / "checkpoints" / f"step_{STEPS:08d}"
     _, trainer = _build([*stage_args, "train.max_steps=1", "checkpoint.interval=0", "optim.lr=1e-9",
-                         f"checkpoint.init_from={source}"], root / "init")
+                         f"checkpoint.init_from={source}"], root / "init", base)
     out["init_regathered"] = _regather(trainer, root / "init-regathered")
     trainer.run()
     return out
 
 
-def _all_stages(root: str) -> dict[int, dict]:
-    return {stage: _stage(stage, Path(root) / f"zero{stage}") for stage in (0, 1, 2, 3)}
+def _all_stages(root: str, base: list[str] = BASE) -> dict[int, dict]:
+    return {stage: _stage(stage, Path(root) / f"zero{stage}", base) for stage in (0, 1, 2, 3)}
 
 
 @pytest.fixture(scope="module")
