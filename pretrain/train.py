@@ -2,9 +2,7 @@
 
 The loop does not know the ZeRO stage or the TP size: the engine, the model's layers and the
 checkpoint module do. A SIGTERM/SIGUSR1 (sent before a SLURM time limit or by a preemption)
-is agreed by all ranks one step later (pretrain.train.StopSignal), then a checkpoint is written and
-the process exits 0; the next start resumes from it. Losses and gradient norms are read from the
-device once per log interval (pretrain.step_metrics), never per step.
+finishes the current step, writes a checkpoint and exits 0; the next start resumes from it.
 """
 
 from __future__ import annotations
@@ -25,16 +23,24 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedded_corpus
+from pretrain.data.checks import check_dataset
+from pretrain.data.manifest import is_url
+from pretrain.data.shards import ReadOptions
+from pretrain.faults import FaultHook, NoFaults
+from pretrain.faults import from_config as faults_from_config
+from pretrain.guard import DivergedError, StepGuard
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel import zero3
-from pretrain.parallel.engine import build_engine, deepspeed_config, deepspeed_reports_grad_norm, grad_norm, set_lr
+from pretrain.parallel.engine import (base_optimizer, build_engine, deepspeed_config, deepspeed_reports_grad_norm,
+                                     grad_norm_tensor, set_lr)
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
+from pretrain.resume import agree_on_checkpoint, trim_metrics
 from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
-from pretrain.step_metrics import StepMetrics
+from pretrain.watchdog import HangWatchdog
 
 
 def log(dims: ParallelDims, message: str) -> None:
@@ -45,44 +51,31 @@ def log(dims: ParallelDims, message: str) -> None:
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary with a checkpoint."""
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self) -> None:
         self.received: int | None = None
-        self._group = group  # a gloo group: the flag never waits for the GPU
-        self._pending: tuple[Any, torch.Tensor] | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def agreed(self) -> bool:
-        """True on every rank, at the same step, once any rank got the signal. Each call starts a
-        host-side all-reduce of the flag and reads the previous call's, which finished meanwhile:
-        a stop is agreed one step after the signal, without a per-step wait for the device."""
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        previous, self._pending = self._pending, (work, flag)
-        if previous is None:
-            return False
-        previous[0].wait()
-        return bool(previous[1].item())
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank got the signal (all ranks must save together)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
-def host_group() -> Any:
-    """A process group over CPU tensors (gloo) for small host-side flags: the default group when it
-    is gloo, else a new one (collective: every rank calls this at the same point)."""
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def dataset_dir(cfg: Config) -> Path:
+def dataset_dir(cfg: Config) -> Path | str:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
-    return Path(cfg.data.path)
+    return cfg.data.path if is_url(cfg.data.path) else Path(cfg.data.path)
+
+
+def data_options(cfg: Config) -> dict[str, Any]:
+    """The TokenLoader arguments that come from the data config group."""
+    return dict(shuffle_shards=cfg.data.shuffle_shards, on_bad_shard=cfg.data.on_bad_shard,
+                read_options=ReadOptions(timeout=cfg.data.timeout, retries=cfg.data.retries))
 
 
 def mean_over_dp(value: torch.Tensor) -> float:
@@ -94,7 +87,7 @@ def mean_over_dp(value: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, **data_options(cfg))
     engine.eval()
     total = torch.zeros((), device=dims.device)
     batches = iter(loader)
@@ -114,10 +107,10 @@ class Trainer:
     data_dir: Path
     loader: TokenLoader
     precision: str
+    guard: StepGuard
+    faults: FaultHook = field(default_factory=NoFaults)
     step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
-    host_group: Any = None
-    """A gloo group for host-side flags (pretrain.train.host_group); None = the default group."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -130,7 +123,8 @@ class Trainer:
         dp_states = [states[r] for r in range(self.dims.world_size)
                      if r % self.dims.tp == 0]  # TP ranks of one DP rank read the same data
         meta = {
-            "optimizer_step": self.step, "consumed_tokens": self.step * self.tokens_per_step,
+            "optimizer_step": checkpoint.optimizer_step(self.engine), "guard": self.guard.state_dict(),
+            "consumed_tokens": self.step * self.tokens_per_step,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
             "data": self.loader.merge_states(dp_states), "tokenizer": {"dataset_dir": str(self.data_dir)},
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
@@ -144,26 +138,34 @@ class Trainer:
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
-    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, Any, float]:
-        """One optimizer step over grad_accum micro-batches; returns (this rank's mean loss, grad norm, lr),
-        loss and norm as device tensors where DeepSpeed keeps them so (read at log time)."""
-        engine, device = self.engine, self.dims.device
+    def train_step(self, batches: Iterator) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr).
+
+        The guard judges the step before the optimizer runs and makes a bad step a no-op on every rank.
+        """
+        engine, device, step = self.engine, self.dims.device, self.step + 1
         lr = learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(engine, lr)
         reports_norm = deepspeed_reports_grad_norm(engine)
-        loss_sum, norm = torch.zeros((), device=device), torch.tensor(float("nan"))
-        for _ in range(engine.gradient_accumulation_steps()):
+        loss_sum, norm = torch.zeros((), device=device), None
+        for micro in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
-            loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids.to(device))
+            loss = self.faults.loss(step, engine(batch.input_ids.to(device), batch.labels.to(device),
+                                                 batch.position_ids.to(device)))
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and not reports_norm:
-                norm = grad_norm(engine)
-            engine.step()
             loss_sum += loss.detach().float()
+            if micro == 0:
+                self.faults.inside_step(step)
+            if engine.is_gradient_accumulation_boundary():
+                self.faults.gradients(step, engine.module)
+                norm = None if reports_norm else grad_norm_tensor(engine)
+                bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
+                self.guard.gate(base_optimizer(engine), bad)
+            engine.step()
         self.step += 1
-        if reports_norm:
-            norm = engine.get_global_grad_norm()
-        return loss_sum / engine.gradient_accumulation_steps(), norm, lr
+        verdict = self.guard.read()
+        norm_value = float(engine.get_global_grad_norm()) if reports_norm else verdict.grad_norm
+        return verdict.loss, norm_value, lr
 
     def run(self) -> list[dict[str, Any]]:
         cfg, dims = self.cfg, self.dims
@@ -173,62 +175,96 @@ class Trainer:
         writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
         wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
                             to_dict(cfg), enabled=dims.is_main)
-        stop = StopSignal(self.host_group)
-        metrics = StepMetrics(dims.device, parallel_state.get_data_parallel_group(), dims.dp, self.tokens_per_step,
-                              model_flops, peak)
+        stop = StopSignal()
+        watchdog = HangWatchdog(cfg.train.hang_timeout, cfg.run.dir, dims.rank).start()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
         while self.step < cfg.train.max_steps:
-            metrics.step_started()
+            start = time.perf_counter()
             loss, norm, lr = self.train_step(batches)
-            metrics.add(self.step, loss, norm, lr, self.step * self.tokens_per_step)
+            watchdog.beat(f"step {self.step}")
+            if dims.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            tokens_per_sec = self.tokens_per_step / elapsed
+            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                      "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
+                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed,
+                      "skipped_shards": self.loader.skipped_shards, "skipped_steps": self.guard.last.skipped_steps}
+            self.records.append(record)
+            writer.write(record)
+            wandb.log(record, self.step)
+            if self.guard.last.skipped:
+                log(dims, self.guard.describe_skip(self.step))
+            elif not math.isfinite(loss):  # only with train.guard.enabled=false
+                raise DivergedError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
+            if self.guard.needs_rollback():
+                writer.close()
+                self.rollback()
+                writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
+                watchdog.beat(f"rollback to step {self.step}")
+                continue
             last = self.step == cfg.train.max_steps
-            stopping = stop.agreed()
-            interval = cfg.checkpoint.interval
-            saving = last or stopping or bool(interval and self.step % interval == 0)
-            evaluating = bool(cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last))
-            if saving or evaluating or self.step % cfg.train.log_interval == 0 or self.step == first_step + 1:
-                for record in metrics.flush():  # every step since the last boundary, read at once
-                    self.records.append(record)
-                    writer.write(record)
-                    wandb.log(record, record["step"])
-                    if not math.isfinite(record["loss"]):
-                        raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}; "
-                                                 "lower optim.lr or check the data")
+            if self.step % cfg.train.log_interval == 0 or last or self.step == first_step + 1:
                 eta = (time.perf_counter() - run_start) / (self.step - first_step) * (cfg.train.max_steps - self.step)
                 log(dims, console_line(record, cfg.train.max_steps, eta))
-            if evaluating:
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
                 eval_loss = evaluate(self.engine, self.data_dir, cfg, dims)
                 writer.write({"step": self.step, "eval_loss": eval_loss})
                 wandb.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
-            if saving:
+                watchdog.beat(f"eval at step {self.step}")
+            stopping = stop.agreed(dims.device)
+            interval = cfg.checkpoint.interval
+            if last or stopping or (interval and self.step % interval == 0):
                 self.save()
+                watchdog.beat(f"checkpoint at step {self.step}")
             if stopping:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")
                 break
-        stop.close()
+        watchdog.stop()
         writer.close()
         wandb.close()
         return self.records
 
+    def rollback(self) -> None:
+        """Back to the newest verified checkpoint: weights, moments, step and RNG, but not the data
+        position, so the batches that produced the bad steps are not read again."""
+        root = Path(self.cfg.run.dir) / "checkpoints"
+        bad_step = self.step
+        ckpt = agree_on_checkpoint(root)
+        if ckpt is None:
+            raise DivergedError(f"{self.cfg.train.guard.max_bad_steps} bad steps in a row at step {bad_step} and no "
+                                "checkpoint to roll back to; lower optim.lr or save earlier (checkpoint.interval)")
+        manifest = checkpoint.load(self.engine, ckpt, to_dict(self.cfg)["model"], verified=True)
+        self.guard.rolled_back(bad_step)
+        self.step = manifest["step"]
+        self.records = [r for r in self.records if r["step"] <= self.step]
+        if self.dims.is_main:
+            trim_metrics(self.cfg.run.dir, self.step)
+        log(self.dims, f"rolled back from step {bad_step} to {ckpt} (step {self.step}) after "
+                       f"{self.cfg.train.guard.max_bad_steps} bad steps in a row; the data position stays past "
+                       f"the bad batches (rollback {self.guard.rollbacks} of at most "
+                       f"{self.cfg.train.guard.max_rollbacks})")
 
-def build(cfg: Config) -> Trainer:
+
+def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
+    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing)."""
     device_kind = resolve_device(cfg.train.device)
-    dims = init_distributed(cfg.parallel.tp, device_kind)
+    dims = init_distributed(cfg.parallel.tp, device_kind, timeout_minutes=cfg.train.collective_timeout / 60)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
     configure_matmul_precision(precision, dims.device)
     data_dir = dataset_dir(cfg)
-    vocab = load_tokenizer(data_dir).get_vocab_size()
+    vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
-    accum, zero_stage = grad_accum_steps(cfg, dims.dp), cfg.parallel.zero_stage
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with zero3.construction_context(zero_stage, deepspeed_config(cfg, accum, precision), dtype, dims.device):
+    accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
+    with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
+                                    dims.device):
         model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
                     on_cuda=dims.device.type == "cuda")
     if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
@@ -237,8 +273,9 @@ def build(cfg: Config) -> Trainer:
     engine = build_engine(model, cfg, accum, precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
-    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, host_group=host_group())
+                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
+    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
+                      faults or faults_from_config(cfg.faults, dims.rank))
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
               f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
               f"{trainer.tokens_per_step} tokens/step")
@@ -252,12 +289,15 @@ def build(cfg: Config) -> Trainer:
 def resume(trainer: Trainer) -> None:
     cfg, dims = trainer.cfg, trainer.dims
     model_cfg = to_dict(cfg)["model"]
-    latest = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
+    latest = agree_on_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
     start = time.perf_counter()
     if latest is not None:
-        manifest = checkpoint.load(trainer.engine, latest, model_cfg)
+        manifest = checkpoint.load(trainer.engine, latest, model_cfg, verified=True)
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
+        trainer.guard.load_state_dict(manifest.get("guard"))
+        if dims.is_main:
+            trim_metrics(cfg.run.dir, trainer.step)
         saved = manifest["layout"]
         log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
                   f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
@@ -273,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         trainer = build(cfg)
         trainer.run()
-    except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError) as err:
+    except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError, DivergedError) as err:
         print(f"{err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -22,7 +22,7 @@ from pretrain.checkpoint.format import MOMENTS
 from pretrain.parallel.engine import base_optimizer
 from pretrain.parallel.zero3 import is_partitioned, write_partition
 
-__all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "set_optimizer_step",
+__all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "optimizer_step", "set_optimizer_step",
            "materialize_optimizer_state", "master_param"]
 
 _MASTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # wrapper -> {id(param): master}
@@ -84,6 +84,14 @@ def set_moment(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor)
     else:
         master = master_param(engine, param)
         base_optimizer(engine).state[master if master is not None else param][key].copy_(value)
+
+
+def optimizer_step(engine) -> int:
+    """Adam's step count (skipped steps do not count), read from the optimizer state."""
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 def set_optimizer_step(engine, step: int) -> None:

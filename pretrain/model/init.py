@@ -1,6 +1,6 @@
 """Weight initialisation that depends only on (seed, parameter name), never on the layout.
 
-Each parameter's full tensor is drawn from its own generator and this rank keeps its TP shard,
+Each parameter's full tensor (each part of a fused one) is drawn from its own generator and this rank keeps its TP shard,
 so TP=1 and TP=4 runs with the same seed start from the same model.
 """
 
@@ -12,7 +12,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from pretrain.parallel.sharding import full_shape, shard
+from pretrain.parallel.sharding import full_shape, logical_shapes, merge_full, shard
 from pretrain.parallel.zero3 import is_partitioned, write_partition
 
 
@@ -27,12 +27,15 @@ def _std(name: str, init_std: float, num_layers: int) -> float:
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) -> None:
     for name, param in model.named_parameters():
-        full = torch.empty(full_shape(param), dtype=torch.float32)
         if "norm" in name:
-            full.fill_(1.0)
+            full = torch.ones(full_shape(param), dtype=torch.float32)
         else:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full.normal_(0.0, _std(name, init_std, num_layers), generator=generator)
+            parts = []
+            for part_name, shape in logical_shapes(name, param):  # fused q/k/v: each part as if unfused
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part_name.encode()))
+                parts.append(torch.empty(shape, dtype=torch.float32).normal_(
+                    0.0, _std(part_name, init_std, num_layers), generator=generator))
+            full = merge_full(param, parts)
         if is_partitioned(param):  # built under ZeRO-3's zero.Init: write this rank's partition only
             write_partition(param, shard(full, param))
         else:

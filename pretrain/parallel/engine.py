@@ -2,8 +2,9 @@
 
 The DeepSpeed config is generated from ours, so there is no JSON for users to keep in sync.
 The optimizer is torch's AdamW handed to DeepSpeed (its fused/CPU Adam need compiled ops that
-CPU-only machines lack), with torch's own fused kernel where it exists; the learning rate is set by
-pretrain.train each step.
+CPU-only machines lack); the learning rate is set by pretrain.train each step. torch's fused
+implementation is used (CPU and CUDA): it reads a `found_inf` tensor, through which the loss
+guard (pretrain/guard.py) skips a step on the device.
 """
 
 from __future__ import annotations
@@ -56,14 +57,6 @@ def overlap_comm(cfg: Config) -> bool:
     return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
-def adamw_kernel(fused: bool | None, device: torch.device) -> dict[str, bool]:
-    """torch's AdamW implementation: `fused` (one kernel for all parameters; CUDA and, since torch
-    2.4, CPU) when optim.fused allows it, else `foreach` (a few batched ops per step)."""
-    if fused or (fused is None and device.type in ("cuda", "cpu")):
-        return {"fused": True}
-    return {"foreach": True}
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linears, embeddings); leave norms' gains alone."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -78,9 +71,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
-    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, **adamw_kernel(o.fused, device))
+                                  eps=o.eps, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
     return engine
@@ -102,10 +94,13 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
-def grad_norm(engine) -> torch.Tensor:
+def grad_norm(engine) -> float:
+    return float(grad_norm_tensor(engine))
+
+
+def grad_norm_tensor(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
-    counting TP-replicated parameters once, as DeepSpeed does. A device tensor: reading it is
-    left to the metrics, once per log interval."""
+    counting TP-replicated parameters once, as DeepSpeed does; on the device, no sync."""
     from megatron.core import parallel_state
 
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
