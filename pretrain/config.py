@@ -81,6 +81,14 @@ class ParallelConfig:
     """Shard norms and activations along the sequence inside each tensor-parallel group."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3, sharding over the data-parallel group only."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO 1-3: reduce gradients during the backward on a side stream. null = on with CUDA, off on CPU."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1-3: elements per gradient reduce(-scatter) bucket (bigger = fewer, larger messages, more memory)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1-2: elements per parameter all-gather bucket after the step; ZeRO-3: prefetch bucket."""
+    contiguous_gradients: bool = True
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
 
 
 @dataclass
@@ -167,7 +175,10 @@ class TrainConfig:
     """If set, grad_accum_steps is derived: global_batch_tokens / (micro_batch_size * seq_len * dp)."""
     seed: int = 1234
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16. fp32 on CUDA uses TF32 matmuls."""
+    grad_reduce_dtype: str = "fp32"
+    """fp32 | bf16: with bf16, the dtype gradients are accumulated over micro-batches (ZeRO 1-3; DeepSpeed
+    accumulates in bf16 at ZeRO-0) and all-reduced / reduce-scattered over data-parallel ranks in."""
     device: str = "auto"
     """auto | cpu | cuda."""
     eval_interval: int = 50
@@ -291,6 +302,7 @@ _CHOICES = {
     "model.activation_checkpointing": ("none", "full", "selective"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),

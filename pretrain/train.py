@@ -34,9 +34,12 @@ from pretrain.guard import DivergedError, StepGuard
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import base_optimizer, build_engine, deepspeed_reports_grad_norm, grad_norm_tensor, set_lr
+from pretrain.parallel import zero3
+from pretrain.parallel.engine import (base_optimizer, build_engine, deepspeed_config, deepspeed_reports_grad_norm,
+                                     grad_norm_tensor, set_lr)
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.resume import agree_on_checkpoint, trim_metrics
+from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
 from pretrain.watchdog import HangWatchdog
 
@@ -82,12 +85,6 @@ def data_options(cfg: Config) -> dict[str, Any]:
     """The TokenLoader arguments that come from the data config group."""
     return dict(shuffle_shards=cfg.data.shuffle_shards, on_bad_shard=cfg.data.on_bad_shard,
                 read_options=ReadOptions(timeout=cfg.data.timeout, retries=cfg.data.retries))
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
 
 
 def mean_over_dp(value: torch.Tensor) -> float:
@@ -268,6 +265,7 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
     dims = init_distributed(cfg.parallel.tp, device_kind, timeout_minutes=cfg.train.collective_timeout / 60)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
+    configure_matmul_precision(precision, dims.device)
     data_dir = dataset_dir(cfg)
     vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
     for source in cfg.data.sources:
@@ -276,10 +274,15 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
-    model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                on_cuda=dims.device.type == "cuda").to(dims.device)
+    accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
+    with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
+                                    dims.device):
+        model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
+                    on_cuda=dims.device.type == "cuda")
+    if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
+        model = model.to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
-    engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
+    engine = build_engine(model, cfg, accum, precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = make_loader(cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
                          dataset_dir=train_sources(cfg, data_dir), split="train", seq_len=cfg.train.seq_len,

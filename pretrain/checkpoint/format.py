@@ -7,7 +7,8 @@
                                  data position, RNG, resolved config, tensor index, file checksums
         model-00000-of-00002.safetensors    full (TP=1) fp32 weights, split by tensor over writers
         optim-00000-of-00002.safetensors    Adam moments in the same shapes: "<name>.exp_avg" ...
-        rng-00000.safetensors               per-rank RNG states (used when the layout is unchanged)
+        rng-00000.safetensors               per-rank RNG states: torch CPU, this rank's GPU, Python,
+                                            NumPy (restored when the layout is unchanged)
         tokenizer.json           a copy of the run's tokenizer (for Hugging Face export)
       .tmp-step_00000200/        a save in progress (or one interrupted by a crash): never read,
                                  removed by the next save

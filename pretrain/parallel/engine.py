@@ -18,13 +18,18 @@ from pretrain.config import Config
 
 
 def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
-    if cfg.parallel.zero_stage == 3:
+    p = cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
         # Gather every parameter for compute; small params stay replicated only above this size.
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
-    if cfg.parallel.zero_stage in (1, 2):
-        zero.update(reduce_scatter=True, overlap_comm=False, contiguous_gradients=True)
-    return {
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_prefetch_bucket_size=p.allgather_bucket_size)
+    if p.zero_stage in (1, 2):
+        zero.update(reduce_scatter=True, allgather_bucket_size=p.allgather_bucket_size)
+    if p.zero_stage > 0:
+        zero.update(overlap_comm=overlap_comm(cfg), contiguous_gradients=p.contiguous_gradients,
+                    reduce_bucket_size=p.reduce_bucket_size)
+    out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -34,6 +39,22 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        # DeepSpeed would otherwise accumulate micro-batch gradients and all-reduce them in bf16
+        # (8 mantissa bits: small gradients vanish in the sum). Without ZeRO it refuses fp32
+        # accumulation next to bf16 weights, so stage 0 accumulates in bf16 but still reduces in fp32.
+        out["communication_data_type"] = cfg.train.grad_reduce_dtype
+        if p.zero_stage > 0:
+            out["data_types"] = {"grad_accum_dtype": cfg.train.grad_reduce_dtype}
+    return out
+
+
+def overlap_comm(cfg: Config) -> bool:
+    """parallel.overlap_comm, with null meaning: on for CUDA (reductions overlap the backward on
+    their own stream), off on CPU (no streams to overlap on, only extra copies)."""
+    if cfg.parallel.overlap_comm is not None:
+        return bool(cfg.parallel.overlap_comm)
+    return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
