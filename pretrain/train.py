@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,11 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.data import Batch, DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
 from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
+from pretrain.parallel.engine import build_engine, clip_grad_norm, deepspeed_reports_grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.schedule import learning_rate
 
@@ -88,13 +88,27 @@ def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     return mean_over_dp(total / cfg.train.eval_batches)
 
 
+class BatchSource(Protocol):
+    """Where training batches come from: TokenLoader, or any resumable source of Batch objects
+    (tools/benchmark.py passes random tokens). One per DP rank."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
 @dataclass
 class Trainer:
     cfg: Config
     dims: ParallelDims
     engine: Any
     data_dir: Path
-    loader: TokenLoader
+    loader: BatchSource
     precision: str
     step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -133,10 +147,12 @@ class Trainer:
         loss_sum, norm = torch.zeros((), device=device), float("nan")
         for _ in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
-            loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids.to(device))
+            # position_ids stay where the loader made them: the model reads document boundaries from
+            # a host copy without waiting for the device.
+            loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and not reports_norm:
-                norm = grad_norm(engine)
+                norm = clip_grad_norm(engine, self.cfg.optim.grad_clip)
             engine.step()
             loss_sum += loss.detach().float()
         self.step += 1
@@ -181,7 +197,7 @@ class Trainer:
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
-            if last or stopping or (interval and self.step % interval == 0):
+            if (last and cfg.checkpoint.save_final) or stopping or (interval and self.step % interval == 0):
                 self.save()
             if stopping:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
@@ -192,7 +208,9 @@ class Trainer:
         return self.records
 
 
-def build(cfg: Config) -> Trainer:
+def build(cfg: Config, batches: BatchSource | None = None) -> Trainer:
+    """Everything a run needs; `batches` replaces the dataset's TokenLoader (the tokenizer is still
+    read from the dataset, for its vocabulary size)."""
     device_kind = resolve_device(cfg.train.device)
     dims = init_distributed(cfg.parallel.tp, device_kind)
     torch.manual_seed(cfg.train.seed)
@@ -203,13 +221,15 @@ def build(cfg: Config) -> Trainer:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
+    compile_blocks = cfg.model.compile if cfg.model.compile is not None else dims.device.type == "cuda"
     model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                on_cuda=dims.device.type == "cuda").to(dims.device)
+                on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks).to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
-    loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
+    loader = batches if batches is not None else TokenLoader(
+        data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
+        seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
               f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
 
 from pretrain.config import Config
 
@@ -25,7 +26,9 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, 
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Plain fp32 DeepSpeed (no ZeRO, no bf16) reports no gradient norm, so pretrain.train computes it
+        # and clips with it (clip_grad_norm below); letting DeepSpeed clip too would compute it twice.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 or precision == "bf16" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
@@ -49,10 +52,24 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, foreach=False)
+                                  eps=o.eps, **_adamw_implementation(model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
+    if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every gradient
+        # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def _adamw_implementation(model: torch.nn.Module) -> dict[str, bool]:
+    """torch's fused AdamW (one pass over each tensor, on CPU and CUDA) where the parameters allow
+    it; else the multi-tensor form. Never the per-parameter Python loop."""
+    params = list(model.parameters())
+    devices = {p.device.type for p in params}
+    fusable = devices <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                                 for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -71,11 +88,20 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
+def clip_grad_norm(engine, max_norm: float) -> float:
+    """Clip the gradients to a global norm of max_norm (0 = no clipping) and return the norm before
+    clipping; for engines that do not clip (deepspeed_reports_grad_norm false). Call between backward
+    and step."""
+    norm = grad_norm(engine)
+    if max_norm > 0:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+    return norm
+
+
 def grad_norm(engine) -> float:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
     counting TP-replicated parameters once, as DeepSpeed does."""
-    from megatron.core import parallel_state
-
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
         getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0)]
     device = next(engine.module.parameters()).device
