@@ -96,6 +96,7 @@ class RandomBatches:
 
     def __init__(self, vocab: int, batch: int, seq_len: int) -> None:
         self.vocab, self.batch, self.seq_len = vocab, batch, seq_len
+        self.skipped_shards = 0
 
     def __iter__(self):
         from pretrain.data import Batch

@@ -173,11 +173,13 @@ def _check_tensors(ckpt: Path, manifest: dict[str, Any], params: list, weights_o
                               "it was saved from a different model")
 
 
-def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = False) -> dict[str, Any]:
+def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = False,
+         verified: bool = False) -> dict[str, Any]:
     """Load checkpoint `ckpt` into this rank's shards; returns the manifest. Collective.
 
     Everything is checked (manifest, model shape, every tensor's name and shape, every file's
     checksum) before the first parameter changes, so a CheckpointError leaves the model as it was.
+    verified=True skips the checksums (rank 0 has just checked them, see pretrain.resume).
     """
     params = list(engine.module.named_parameters())
     error = None
@@ -185,7 +187,7 @@ def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = Fal
         manifest = read_manifest(ckpt)
         check_model_shape(manifest, model_cfg, ckpt)
         _check_tensors(ckpt, manifest, params, weights_only)
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 and not verified:
             verify_files(ckpt, manifest)
     except CheckpointError as err:
         error = str(err)

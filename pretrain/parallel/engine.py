@@ -2,7 +2,9 @@
 
 The DeepSpeed config is generated from ours, so there is no JSON for users to keep in sync.
 The optimizer is torch's AdamW handed to DeepSpeed (its fused/CPU Adam need compiled ops that
-CPU-only machines lack); the learning rate is set by pretrain.train each step.
+CPU-only machines lack); the learning rate is set by pretrain.train each step. torch's fused
+implementation is used (CPU and CUDA): it reads a `found_inf` tensor, through which the loss
+guard (pretrain/guard.py) skips a step on the device.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, **_adamw_implementation(model))
+                                  eps=o.eps, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
     if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
@@ -60,16 +62,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
         # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
         engine.enable_backward_allreduce = False
     return engine
-
-
-def _adamw_implementation(model: torch.nn.Module) -> dict[str, bool]:
-    """torch's fused AdamW (one pass over each tensor, on CPU and CUDA) where the parameters allow
-    it; else the multi-tensor form. Never the per-parameter Python loop."""
-    params = list(model.parameters())
-    devices = {p.device.type for p in params}
-    fusable = devices <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                                                 for p in params)
-    return {"fused": True} if fusable else {"foreach": True}
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -88,24 +80,26 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
-def clip_grad_norm(engine, max_norm: float) -> float:
-    """Clip the gradients to a global norm of max_norm (0 = no clipping) and return the norm before
-    clipping; for engines that do not clip (deepspeed_reports_grad_norm false). Call between backward
-    and step."""
-    norm = grad_norm(engine)
+def clip_grads(engine, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients to a global norm of at most max_norm (0 = no clipping), given their norm
+    (grad_norm_tensor); for engines that do not clip (deepspeed_reports_grad_norm false), so the norm
+    is computed once per step. On the device, no sync. Call between backward and step."""
     if max_norm > 0:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
-    return norm
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
 
 def grad_norm(engine) -> float:
+    return float(grad_norm_tensor(engine))
+
+
+def grad_norm_tensor(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
-    counting TP-replicated parameters once, as DeepSpeed does."""
+    counting TP-replicated parameters once, as DeepSpeed does; on the device, no sync."""
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
         getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0)]
     device = next(engine.module.parameters()).device
     local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)
     total = local.float().pow(2)
     torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return float(total.sqrt())
+    return total.sqrt()
