@@ -287,7 +287,9 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
-    compile_blocks = cfg.model.compile if cfg.model.compile is not None else dims.device.type == "cuda"
+    # Default: compile on CUDA, except under ZeRO-3, whose parameter-gathering hooks fire inside each block.
+    compile_blocks = cfg.model.compile if cfg.model.compile is not None else (
+        dims.device.type == "cuda" and cfg.parallel.zero_stage < 3)
     model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
                 on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks).to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)

@@ -287,7 +287,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "zero_stage": a.zero_stage, "attention": backend,
-        "compile": bool(cfg.model.compile if cfg.model.compile is not None else device.type == "cuda"),
+        "compile": bool(cfg.model.compile if cfg.model.compile is not None else
+                        device.type == "cuda" and cfg.parallel.zero_stage < 3),
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
         "results": results, "skipped": skipped,
         "ratios": {name: ours_tps / r["tokens_per_s"] for name, r in results.items() if name != "pretrain"},
