@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedded_corpus
+from pretrain.data import Batch, DatasetError, StateError, TokenLoader, prepare_embedded_corpus
 from pretrain.data.checks import check_dataset
 from pretrain.data.manifest import is_url
 from pretrain.data.shards import ReadOptions
@@ -35,8 +35,8 @@ from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel import zero3
-from pretrain.parallel.engine import (base_optimizer, build_engine, deepspeed_config, deepspeed_reports_grad_norm,
-                                     grad_norm_tensor, set_lr)
+from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
+                                      deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.resume import agree_on_checkpoint, trim_metrics
 from pretrain.precision import configure_matmul_precision, resolve_precision
@@ -108,13 +108,30 @@ def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     return mean_over_dp(total / cfg.train.eval_batches)
 
 
+class BatchSource(Protocol):
+    """Where training batches come from: TokenLoader, or any resumable source of Batch objects
+    (tools/benchmark.py passes random tokens). One per DP rank."""
+
+    skipped_shards: int
+    """Shards skipped as unreadable so far (reported in the metrics)."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
 @dataclass
 class Trainer:
     cfg: Config
     dims: ParallelDims
     engine: Any
     data_dir: Path
-    loader: TokenLoader
+    loader: BatchSource
     precision: str
     guard: StepGuard
     faults: FaultHook = field(default_factory=NoFaults)
@@ -159,8 +176,10 @@ class Trainer:
         loss_sum, norm = torch.zeros((), device=device), None
         for micro in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
+            # position_ids stay where the loader made them: the model reads document boundaries from
+            # a host copy without waiting for the device.
             loss = self.faults.loss(step, engine(batch.input_ids.to(device), batch.labels.to(device),
-                                                 batch.position_ids.to(device)))
+                                                 batch.position_ids))
             engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro == 0:
@@ -170,6 +189,8 @@ class Trainer:
                 norm = None if reports_norm else grad_norm_tensor(engine)
                 bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
                 self.guard.gate(base_optimizer(engine), bad)
+                if norm is not None:  # this engine does not clip: clip with the norm just computed
+                    clip_grads(engine, self.cfg.optim.grad_clip, norm)
             engine.step()
         self.step += 1
         verdict = self.guard.read()
@@ -226,7 +247,7 @@ class Trainer:
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
             periodic = interval and self.step % interval == 0 and not self.guard.last.streak  # not mid-streak
-            if last or stopping or periodic:
+            if (last and cfg.checkpoint.save_final) or stopping or periodic:
                 self.save()
                 watchdog.beat(f"checkpoint at step {self.step}")
             if stopping:
@@ -259,8 +280,9 @@ class Trainer:
                        f"{self.cfg.train.guard.max_rollbacks})")
 
 
-def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
-    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing)."""
+def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | None = None) -> Trainer:
+    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing);
+    batches: replaces the dataset's TokenLoader (the dataset is still checked, for its vocabulary)."""
     device_kind = resolve_device(cfg.train.device)
     dims = init_distributed(cfg.parallel.tp, device_kind, timeout_minutes=cfg.train.collective_timeout / 60)
     torch.manual_seed(cfg.train.seed)
@@ -275,19 +297,23 @@ def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
     accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
+    # Default: compile on CUDA, except under ZeRO-3, whose parameter-gathering hooks fire inside each block.
+    compile_blocks = cfg.model.compile if cfg.model.compile is not None else (
+        dims.device.type == "cuda" and cfg.parallel.zero_stage < 3)
     with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
                                     dims.device):
         model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                    on_cuda=dims.device.type == "cuda")
+                    on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks)
     if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
         model = model.to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
     engine = build_engine(model, cfg, accum, precision)
     checkpoint.materialize_optimizer_state(engine)
-    loader = make_loader(cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
-                         dataset_dir=train_sources(cfg, data_dir), split="train", seq_len=cfg.train.seq_len,
-                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
+    loader = batches if batches is not None else make_loader(
+        cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
+        dataset_dir=train_sources(cfg, data_dir), split="train", seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
+        seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
                       faults or faults_from_config(cfg.faults, dims.rank))
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
 
 from pretrain.config import Config
 
@@ -32,7 +33,9 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, 
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Plain fp32 DeepSpeed (no ZeRO, no bf16) reports no gradient norm, so pretrain.train computes it
+        # and clips with it (clip_grad_norm below); letting DeepSpeed clip too would compute it twice.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 or precision == "bf16" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
@@ -75,6 +78,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
                                   eps=o.eps, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
+    if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every gradient
+        # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -94,6 +101,15 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
+def clip_grads(engine, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients to a global norm of at most max_norm (0 = no clipping), given their norm
+    (grad_norm_tensor); for engines that do not clip (deepspeed_reports_grad_norm false), so the norm
+    is computed once per step. On the device, no sync. Call between backward and step."""
+    if max_norm > 0:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def grad_norm(engine) -> float:
     return float(grad_norm_tensor(engine))
 
@@ -101,8 +117,6 @@ def grad_norm(engine) -> float:
 def grad_norm_tensor(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
     counting TP-replicated parameters once, as DeepSpeed does; on the device, no sync."""
-    from megatron.core import parallel_state
-
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
         getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0)]
     device = next(engine.module.parameters()).device
