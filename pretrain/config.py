@@ -91,10 +91,18 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """Every decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 20
     schedule: str = "cosine"
-    """cosine | linear | constant (after warmup)."""
+    """cosine | linear | constant | wsd (after warmup). wsd = warmup-stable-decay: the peak lr until the
+    decay, which then runs to the last step."""
+    decay_fraction: float = 0.2
+    """wsd: the decay takes this fraction of train.max_steps, at the end."""
+    decay_shape: str = "1-sqrt"
+    """wsd: linear | cosine | 1-sqrt (lr = min + (peak - min) * (1 - sqrt(progress)))."""
+    decay_start_step: Optional[int] = None
+    """wsd: start the decay at this step instead (annealing a stable run from its checkpoint at this step);
+    overrides decay_fraction."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -134,6 +142,9 @@ class CheckpointConfig:
     """Resume automatically from <run.dir>/checkpoints/latest when present."""
     init_from: Optional[str] = None
     """Start a new run from this checkpoint's weights (for example one imported from Hugging Face)."""
+    init_optimizer: bool = False
+    """With init_from: also take its Adam moments, step count and data position, so the new run continues
+    that run (an annealing fork of a stable run); the data position is kept only when the dataset is the same."""
 
 
 @dataclass
@@ -204,7 +215,8 @@ def _register() -> None:
 _CHOICES = {
     "model.attention": ("auto", "flash", "sdpa"),
     "model.activation_checkpointing": ("none", "full", "selective"),
-    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb": ("offline", "online", "disabled"),
@@ -247,6 +259,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(0 <= o.decay_fraction <= 1, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
+    if o.decay_start_step is not None:
+        _check(o.warmup_steps <= o.decay_start_step < t.max_steps, "optim.decay_start_step",
+               f"{o.decay_start_step} must be in [optim.warmup_steps={o.warmup_steps}, "
+               f"train.max_steps={t.max_steps}); raise train.max_steps to decay after it")
+    _check(not cfg.checkpoint.init_optimizer or bool(cfg.checkpoint.init_from), "checkpoint.init_optimizer",
+           "needs checkpoint.init_from=<checkpoint> to take the optimizer state from")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")

@@ -235,8 +235,15 @@ def resume(trainer: Trainer) -> None:
                   f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
     elif cfg.checkpoint.init_from:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
-        checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)
-        log(dims, f"initialised weights from {source}")
+        fork = cfg.checkpoint.init_optimizer
+        manifest = checkpoint.load(trainer.engine, source, model_cfg, weights_only=not fork)
+        log(dims, f"initialised {'weights and optimizer state' if fork else 'weights'} from {source}")
+        if fork:  # continue that run's step count (and so its lr schedule) and, on the same data, its position
+            trainer.step = manifest["step"]
+            try:
+                trainer.loader.load_state_dict(manifest["data"])
+            except StateError as err:
+                log(dims, f"reading the data from its start: the checkpoint's data position does not fit ({err})")
 
 
 def main(argv: list[str] | None = None) -> int:
