@@ -159,6 +159,15 @@ class LoggingConfig:
     wandb: str = "offline"
     """offline | online | disabled. online needs logging.project."""
     project: Optional[str] = None
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run.dir>/tensorboard/."""
+
+
+@dataclass
+class ProfileConfig:
+    steps: Optional[list[int]] = None
+    """[first, last]: write a torch profiler Chrome trace of these optimizer steps (1-based, inclusive) to
+    <run.dir>/profile/, one per rank, with a table of the top ops (and a CUDA memory snapshot on GPU)."""
 
 
 @dataclass
@@ -199,6 +208,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -266,6 +276,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"train.max_steps={t.max_steps}); raise train.max_steps to decay after it")
     _check(not cfg.checkpoint.init_optimizer or bool(cfg.checkpoint.init_from), "checkpoint.init_optimizer",
            "needs checkpoint.init_from=<checkpoint> to take the optimizer state from")
+    steps = cfg.profile.steps
+    if steps is not None:
+        _check(len(steps) == 2 and 1 <= steps[0] <= steps[1], "profile.steps",
+               f"got {list(steps)}; give [first, last] optimizer steps, 1 <= first <= last (e.g. [5,6])")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")

@@ -24,11 +24,12 @@ import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it 
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
 from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
-from pretrain.metrics import MetricsWriter, WandbLogger, console_line, flops_per_token, peak_flops
+from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
+from pretrain.profiling import StepProfiler
 from pretrain.schedule import learning_rate
 
 
@@ -152,12 +153,16 @@ class Trainer:
         writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
         wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
                             to_dict(cfg), enabled=dims.is_main)
+        tensorboard = TensorBoardLogger(cfg.logging.tensorboard and dims.is_main, cfg.run.dir)
+        profiler = StepProfiler(cfg.profile.steps, cfg.run.dir, dims.rank, dims.device)
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
+            profiler.before_step(self.step + 1)
             loss, norm, lr = self.train_step(batches)
+            profiler.after_step(self.step)
             if dims.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
@@ -168,6 +173,7 @@ class Trainer:
             self.records.append(record)
             writer.write(record)
             wandb.log(record, self.step)
+            tensorboard.log(record, self.step)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
             last = self.step == cfg.train.max_steps
@@ -178,6 +184,7 @@ class Trainer:
                 eval_loss = evaluate(self.engine, self.data_dir, cfg, dims)
                 writer.write({"step": self.step, "eval_loss": eval_loss})
                 wandb.log({"eval_loss": eval_loss}, self.step)
+                tensorboard.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
@@ -189,6 +196,7 @@ class Trainer:
                 break
         writer.close()
         wandb.close()
+        tensorboard.close()
         return self.records
 
 
