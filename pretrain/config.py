@@ -133,6 +133,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    downstream_interval: int = 0
+    """Run the lm-eval tasks in eval.tasks every N steps (and at the end); 0 disables."""
+    tasks: list[str] = field(default_factory=lambda: ["python_next_line"])
+    """lm-eval task names, from pretrain/evals/tasks/ or eval.include_path (local task YAML; nothing is downloaded)."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files to search besides the shipped ones."""
+    limit: Optional[int] = None
+    """Documents per task (None = all)."""
+    batch_size: int = 16
+    """Sequences per forward pass during evaluation."""
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 100
     """Save every N steps and at the end; 0 = only at the end."""
@@ -205,6 +219,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -283,6 +298,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    _check(cfg.eval.downstream_interval >= 0, "eval.downstream_interval", "must be >= 0")
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")

@@ -30,6 +30,7 @@ from pretrain.model.attention import resolve_backend
 from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.profiling import StepProfiler
+from pretrain.evals.downstream import DownstreamEval
 from pretrain.schedule import learning_rate
 
 
@@ -155,6 +156,7 @@ class Trainer:
                             to_dict(cfg), enabled=dims.is_main)
         tensorboard = TensorBoardLogger(cfg.logging.tensorboard and dims.is_main, cfg.run.dir)
         profiler = StepProfiler(cfg.profile.steps, cfg.run.dir, dims.rank, dims.device)
+        downstream = DownstreamEval(cfg, self.engine.module, self.data_dir, dims.device)
         stop = StopSignal()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
@@ -186,6 +188,13 @@ class Trainer:
                 wandb.log({"eval_loss": eval_loss}, self.step)
                 tensorboard.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
+            scores = downstream.maybe_run(self.step, last)
+            if scores:
+                writer.write({"step": self.step, **scores})
+                wandb.log(scores, self.step)
+                tensorboard.log(scores, self.step)
+                log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | " +
+                    " | ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in scores.items()))
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
             if last or stopping or (interval and self.step % interval == 0):
