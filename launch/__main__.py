@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             from launch.local import torchrun_command, worker_env
 
             command, env = torchrun_command(cfg, plan, overrides), worker_env(cfg, dict(os.environ))
+        if cfg.launcher.threads_per_process:  # launch/agent.py keeps an OMP_NUM_THREADS it is given
+            env["OMP_NUM_THREADS"] = str(cfg.launcher.threads_per_process)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.config import Config, ModelConfig, grad_accum_steps
+from pretrain.config import Config, ConfigError, ModelConfig, grad_accum_steps
 
 
 def parameter_count(m: ModelConfig) -> int:
@@ -18,9 +18,17 @@ def parameter_count(m: ModelConfig) -> int:
 
 
 def nproc_per_node(cfg: Config) -> int:
+    """Processes per node; more than this node's GPUs is a config error, not a CUDA traceback later."""
     n = cfg.launcher.nproc_per_node
+    gpus = torch.cuda.device_count()
+    if cfg.train.device == "cuda" and not gpus:
+        raise ConfigError("config error: train.device: cuda, but no CUDA device is visible here; "
+                          "use train.device=cpu or auto")
     if n == "auto":
-        return torch.cuda.device_count() or 2
+        return (gpus if cfg.train.device != "cpu" else 0) or 2
+    if cfg.train.device != "cpu" and gpus and int(n) > gpus:
+        raise ConfigError(f"config error: launcher.nproc_per_node: {n} processes but this node has {gpus} GPU(s); "
+                          f"use launcher.nproc_per_node={gpus} (or auto)")
     return int(n)
 
 

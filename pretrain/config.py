@@ -8,6 +8,7 @@ the tests, so every path sees the same configuration.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,7 +45,16 @@ class ModelConfig:
     """Share the input embedding with the output projection."""
     init_std: float = 0.02
     attention: str = "auto"
-    """auto | flash | sdpa. auto = flash-attn when CUDA and the package are present, else SDPA."""
+    """auto | flash | flex | sdpa. auto = flash-attn for bf16 on CUDA when the package imports; else on
+    CUDA flex (FlexAttention for batches with document boundaries, SDPA's flash/cuDNN kernel for whole
+    documents); on CPU sdpa. flex trains only on CUDA (pretrain/model/attention.py)."""
+    compile: Optional[bool] = None
+    """torch.compile each transformer block. None = on for CUDA, off on CPU (where compiling costs
+    minutes and a C compiler for a small gain)."""
+    fused_qkv: bool = True
+    """One matmul for q, k and v (qkv_proj) instead of three; checkpoints are the same either way."""
+    fused_mlp: bool = True
+    """One matmul for SwiGLU's gate and up projections (gate_up_proj); checkpoints are the same either way."""
     activation_checkpointing: str = "none"
     """none | full (recompute each block) | selective (recompute attention core and activations)."""
 
@@ -85,6 +95,16 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    shuffle_shards: int = 8
+    """Each reader mixes the documents of this many shards in a seeded random order (it holds them
+    in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
+    timeout: float = 300.0
+    """Seconds a shard read may go without receiving a byte before it fails (instead of hanging)."""
+    retries: int = 3
+    """Further attempts, with exponential backoff from 1 s, when a pipe:/http(s) shard cannot be read."""
+    on_bad_shard: str = "error"
+    """error: a missing, corrupt or unreachable shard stops the run, naming it | skip: warn, count
+    it in metrics.jsonl (skipped_shards) and go on without it."""
 
 
 @dataclass
@@ -112,6 +132,23 @@ class OptimConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Loss and gradient guard (pretrain/guard.py): skip bad optimizer steps, roll back after a streak."""
+
+    enabled: bool = True
+    spike_sigma: float = 6.0
+    """A loss above mean + spike_sigma * std of the last `window` good losses is a spike; 0 disables."""
+    window: int = 50
+    """Good losses kept for the spike statistics."""
+    min_history: int = 10
+    """Spikes are judged only once this many good losses are known (early losses fall fast)."""
+    max_bad_steps: int = 3
+    """This many skipped steps in a row roll the run back to its newest verified checkpoint."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one run before it stops with an error (the run keeps diverging)."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 200
     seq_len: int = 128
@@ -130,6 +167,12 @@ class TrainConfig:
     eval_batches: int = 4
     log_interval: int = 10
     """Console progress every N steps (metrics.jsonl gets every step)."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    hang_timeout: float = 1800.0
+    """Seconds without a finished step (or save / eval) after which every rank writes its Python
+    stacks to <run.dir>/hang-rank<R>.txt and exits non-zero (then launcher.max_restarts applies); 0 disables."""
+    collective_timeout: float = 600.0
+    """Seconds a collective (all-reduce, barrier...) may wait before the process group fails it."""
 
 
 @dataclass
@@ -150,6 +193,8 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 100
     """Save every N steps and at the end; 0 = only at the end."""
+    save_final: bool = True
+    """Save when the run reaches train.max_steps (a stop signal always saves); false for benchmarks."""
     keep_last: int = 2
     """Keep this many newest checkpoints; 0 keeps all."""
     resume: bool = True
@@ -192,6 +237,10 @@ class LauncherConfig:
     """auto = number of GPUs, or 2 on a CPU-only machine."""
     nnodes: int = 1
     """Nodes to run on. Under SLURM the allocation decides (sbatch --nodes); elsewhere > 1 needs rdzv_endpoint."""
+    threads_per_process: int = 0
+    """CPU threads (OMP_NUM_THREADS) per worker. 0 = OMP_NUM_THREADS if set, else this node's cores divided
+    by nproc_per_node. Runs meant to agree bit for bit need the same value: the thread count sets the order
+    of floating-point reductions."""
     max_restarts: int = 0
     """Elastic restarts of the whole worker group after a failure; each resumes from latest."""
     rdzv_timeout: int = 300
@@ -213,6 +262,25 @@ class LauncherConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, for tests only (pretrain/faults.py): damage chosen steps on purpose."""
+
+    nan_steps: list[int] = field(default_factory=list)
+    """Steps (1-based, as in metrics.jsonl) whose loss is made NaN on every rank."""
+    spike_steps: list[int] = field(default_factory=list)
+    """Steps whose loss is multiplied by 1000 (a loss spike with finite values)."""
+    nan_grad_steps: list[int] = field(default_factory=list)
+    """Steps whose gradients are made NaN after backward (finite loss)."""
+    hang_step: int = 0
+    """Step during which rank `rank` sleeps for hang_seconds (0 = never)."""
+    hang_seconds: float = 3600.0
+    kill_step: int = 0
+    """Step at which rank `rank` kills itself with SIGKILL, on the first attempt only (0 = never)."""
+    rank: int = 0
+    """The rank that hangs or is killed."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -225,6 +293,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 def _register() -> None:
@@ -238,7 +307,7 @@ def _register() -> None:
 
 
 _CHOICES = {
-    "model.attention": ("auto", "flash", "sdpa"),
+    "model.attention": ("auto", "flash", "flex", "sdpa"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
@@ -246,6 +315,70 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
+}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False  # None allowed (means "derive it")
+    integer: bool = False
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    @property
+    def text(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = ("(" if self.low_open else "[") + f"{self.low:g}", f"{self.high:g}" + (")" if self.high_open else "]")
+        where = f">= {self.low:g}" if not self.low_open and self.high == math.inf else (
+            f"> {self.low:g}" if self.high == math.inf else f"in {lo}, {hi}")
+        return f"must be {kind} {where}" + (" (or null)" if self.optional else "")
+
+
+def _positive(optional: bool = False) -> _Rule:
+    return _Rule(0, low_open=True, integer=True, optional=optional)
+
+
+def _at_least(low: float, integer: bool = True) -> _Rule:
+    return _Rule(low, integer=integer)
+
+
+# Every numeric key and the values it accepts; NaN and inf are always refused.
+_NUMERIC: dict[str, _Rule] = {
+    "model.vocab_size": _positive(), "model.hidden_size": _positive(), "model.num_layers": _positive(),
+    "model.num_heads": _positive(), "model.num_kv_heads": _positive(optional=True),
+    "model.ffn_hidden_size": _positive(optional=True), "model.max_seq_len": _positive(),
+    "model.rope_theta": _Rule(0, low_open=True), "model.norm_eps": _Rule(0, low_open=True),
+    "model.init_std": _Rule(0, low_open=True),
+    "parallel.tp": _positive(),
+    "data.embedded_vocab_size": _at_least(258),
+    "optim.lr": _Rule(0, low_open=True), "optim.min_lr_ratio": _Rule(0, 1), "optim.warmup_steps": _at_least(0),
+    "optim.weight_decay": _at_least(0, integer=False), "optim.beta1": _Rule(0, 1, high_open=True),
+    "optim.beta2": _Rule(0, 1, high_open=True), "optim.eps": _Rule(0, low_open=True),
+    "optim.grad_clip": _at_least(0, integer=False),
+    "train.max_steps": _positive(), "train.seq_len": _positive(), "train.micro_batch_size": _positive(),
+    "train.grad_accum_steps": _positive(), "train.global_batch_tokens": _positive(optional=True),
+    "train.seed": _Rule(0, 2**32 - 1, integer=True), "train.eval_interval": _at_least(0),
+    "train.eval_batches": _positive(), "train.log_interval": _positive(),
+    "train.hang_timeout": _at_least(0, integer=False), "train.collective_timeout": _Rule(0, low_open=True),
+    "train.guard.spike_sigma": _at_least(0, integer=False), "train.guard.window": _at_least(2),
+    "train.guard.min_history": _at_least(2), "train.guard.max_bad_steps": _positive(),
+    "train.guard.max_rollbacks": _at_least(0),
+    "checkpoint.interval": _at_least(0), "checkpoint.keep_last": _at_least(0),
+    "launcher.nnodes": _positive(), "launcher.max_restarts": _at_least(0), "launcher.rdzv_timeout": _positive(),
+    "launcher.rdzv_port": _Rule(1, 65535, integer=True, optional=True), "launcher.shutdown_timeout": _at_least(0),
+    "faults.hang_step": _at_least(0), "faults.hang_seconds": _at_least(0, integer=False),
+    "faults.kill_step": _at_least(0), "faults.rank": _at_least(0),
 }
 
 
@@ -261,17 +394,22 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         value = getattr(getattr(cfg, group), name)
         _check(value in allowed, key, f"got {value!r}; allowed values: {', '.join(allowed)}")
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
-                       ("model.num_heads", m.num_heads), ("model.vocab_size", m.vocab_size),
-                       ("train.seq_len", t.seq_len), ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.max_steps", t.max_steps),
-                       ("parallel.tp", p.tp)]:
-        _check(value > 0, key, f"must be a positive integer, got {value}")
+    for key, rule in _NUMERIC.items():
+        group, _, name = key.rpartition(".")
+        node: Any = cfg
+        for part in group.split("."):
+            node = getattr(node, part)
+        value = getattr(node, name)
+        if value is None and rule.optional:
+            continue
+        _check(rule.holds(value), key, f"got {value!r}; {rule.text}")
     _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
            f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; choose a divisor")
     _check(m.kv_heads > 0 and m.num_heads % m.kv_heads == 0, "model.num_kv_heads",
            f"{m.kv_heads} must divide model.num_heads={m.num_heads}")
     _check(m.head_dim % 2 == 0, "model.num_heads", f"head size {m.head_dim} must be even for RoPE")
+    _check(t.guard.min_history <= t.guard.window, "train.guard.min_history",
+           f"{t.guard.min_history} exceeds train.guard.window={t.guard.window}; lower it or raise the window")
     _check(t.seq_len <= m.max_seq_len, "train.seq_len",
            f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"got {p.zero_stage}; allowed values: 0, 1, 2, 3")
@@ -281,9 +419,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel:
         _check(t.seq_len % p.tp == 0, "train.seq_len",
                f"{t.seq_len} must be divisible by parallel.tp={p.tp} with sequence parallelism")
-    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(0 <= o.decay_fraction <= 1, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
     if o.decay_start_step is not None:
         _check(o.warmup_steps <= o.decay_start_step < t.max_steps, "optim.decay_start_step",
@@ -295,13 +430,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if steps is not None:
         _check(len(steps) == 2 and 1 <= steps[0] <= steps[1], "profile.steps",
                f"got {list(steps)}; give [first, last] optimizer steps, 1 <= first <= last (e.g. [5,6])")
-    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
-    _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
-    _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _check(cfg.eval.downstream_interval >= 0, "eval.downstream_interval", "must be >= 0")
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(cfg.launcher.threads_per_process >= 0, "launcher.threads_per_process",
+           f"got {cfg.launcher.threads_per_process}; use 0 (automatic) or a positive number of threads")
+    _check(cfg.data.on_bad_shard in ("error", "skip"), "data.on_bad_shard",
+           f"got {cfg.data.on_bad_shard!r}; allowed values: error, skip")
+    _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
+    _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
+    _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
     if cfg.data.name != "embedded":
         _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
                "(a directory written by tools/prepare_data.py)")
@@ -358,6 +497,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), world_size: Optional[in
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     _register()
     overrides = list(overrides)
@@ -367,9 +508,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), world_size: Optional[in
             raw = hydra_compose(config_name="config", overrides=overrides)
         OmegaConf.resolve(raw)
         cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
-    except ConfigError:
-        raise
-    except Exception as err:  # Hydra raises several unrelated types for user mistakes
+    except (HydraException, OmegaConfBaseException) as err:  # user mistakes; anything else is a bug
         raise ConfigError(_one_line(err, overrides)) from err
     finally:
         GlobalHydra.instance().clear()

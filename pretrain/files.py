@@ -51,3 +51,20 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def confined(root: str | Path, name: object) -> Path | None:
+    """``root / name`` if ``name`` (read from a file: a pointer, a manifest, an index) is a plain
+    relative path that stays inside ``root``, else None.
+
+    A manifest must not be able to make a reader open /etc/passwd or ../../other-run/...: absolute
+    names, ``..`` and symlinks leading out of ``root`` are refused. Callers raise their own error.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return None
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    return Path(root) / relative if path == base or base in path.parents else None

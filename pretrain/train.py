@@ -23,15 +23,23 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
+from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedded_corpus
+from pretrain.data.checks import check_dataset
+from pretrain.data.manifest import is_url
+from pretrain.data.shards import ReadOptions
+from pretrain.faults import FaultHook, NoFaults
+from pretrain.faults import from_config as faults_from_config
+from pretrain.guard import DivergedError, StepGuard
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import build_engine, deepspeed_reports_grad_norm, grad_norm, set_lr
+from pretrain.parallel.engine import base_optimizer, build_engine, deepspeed_reports_grad_norm, grad_norm_tensor, set_lr
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.profiling import StepProfiler
 from pretrain.evals.downstream import DownstreamEval
+from pretrain.resume import agree_on_checkpoint, trim_metrics
 from pretrain.schedule import learning_rate
+from pretrain.watchdog import HangWatchdog
 
 
 def log(dims: ParallelDims, message: str) -> None:
@@ -57,10 +65,16 @@ class StopSignal:
         return bool(flag.item())
 
 
-def dataset_dir(cfg: Config) -> Path:
+def dataset_dir(cfg: Config) -> Path | str:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
-    return Path(cfg.data.path)
+    return cfg.data.path if is_url(cfg.data.path) else Path(cfg.data.path)
+
+
+def data_options(cfg: Config) -> dict[str, Any]:
+    """The TokenLoader arguments that come from the data config group."""
+    return dict(shuffle_shards=cfg.data.shuffle_shards, on_bad_shard=cfg.data.on_bad_shard,
+                read_options=ReadOptions(timeout=cfg.data.timeout, retries=cfg.data.retries))
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -78,7 +92,7 @@ def mean_over_dp(value: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, **data_options(cfg))
     engine.eval()
     total = torch.zeros((), device=dims.device)
     batches = iter(loader)
@@ -98,6 +112,8 @@ class Trainer:
     data_dir: Path
     loader: TokenLoader
     precision: str
+    guard: StepGuard
+    faults: FaultHook = field(default_factory=NoFaults)
     step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -112,7 +128,8 @@ class Trainer:
         dp_states = [states[r] for r in range(self.dims.world_size)
                      if r % self.dims.tp == 0]  # TP ranks of one DP rank read the same data
         meta = {
-            "optimizer_step": self.step, "consumed_tokens": self.step * self.tokens_per_step,
+            "optimizer_step": checkpoint.optimizer_step(self.engine), "guard": self.guard.state_dict(),
+            "consumed_tokens": self.step * self.tokens_per_step,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
             "data": self.loader.merge_states(dp_states), "tokenizer": {"dataset_dir": str(self.data_dir)},
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
@@ -127,24 +144,33 @@ class Trainer:
         return path
 
     def train_step(self, batches: Iterator) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr)."""
-        engine, device = self.engine, self.dims.device
+        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr).
+
+        The guard judges the step before the optimizer runs and makes a bad step a no-op on every rank.
+        """
+        engine, device, step = self.engine, self.dims.device, self.step + 1
         lr = learning_rate(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(engine, lr)
         reports_norm = deepspeed_reports_grad_norm(engine)
-        loss_sum, norm = torch.zeros((), device=device), float("nan")
-        for _ in range(engine.gradient_accumulation_steps()):
+        loss_sum, norm = torch.zeros((), device=device), None
+        for micro in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
-            loss = engine(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids.to(device))
+            loss = self.faults.loss(step, engine(batch.input_ids.to(device), batch.labels.to(device),
+                                                 batch.position_ids.to(device)))
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and not reports_norm:
-                norm = grad_norm(engine)
-            engine.step()
             loss_sum += loss.detach().float()
+            if micro == 0:
+                self.faults.inside_step(step)
+            if engine.is_gradient_accumulation_boundary():
+                self.faults.gradients(step, engine.module)
+                norm = None if reports_norm else grad_norm_tensor(engine)
+                bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
+                self.guard.gate(base_optimizer(engine), bad)
+            engine.step()
         self.step += 1
-        if reports_norm:
-            norm = float(engine.get_global_grad_norm())
-        return mean_over_dp(loss_sum / engine.gradient_accumulation_steps()), norm, lr
+        verdict = self.guard.read()
+        norm_value = float(engine.get_global_grad_norm()) if reports_norm else verdict.grad_norm
+        return verdict.loss, norm_value, lr
 
     def run(self) -> list[dict[str, Any]]:
         cfg, dims = self.cfg, self.dims
@@ -158,6 +184,7 @@ class Trainer:
         profiler = StepProfiler(cfg.profile.steps, cfg.run.dir, dims.rank, dims.device)
         downstream = DownstreamEval(cfg, self.engine.module, self.data_dir, dims.device)
         stop = StopSignal()
+        watchdog = HangWatchdog(cfg.train.hang_timeout, cfg.run.dir, dims.rank).start()
         batches: Iterator = iter(self.loader)
         first_step, run_start = self.step, time.perf_counter()
         while self.step < cfg.train.max_steps:
@@ -165,19 +192,29 @@ class Trainer:
             profiler.before_step(self.step + 1)
             loss, norm, lr = self.train_step(batches)
             profiler.after_step(self.step)
+            watchdog.beat(f"step {self.step}")
             if dims.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             tokens_per_sec = self.tokens_per_step / elapsed
             record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                       "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
-                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed}
+                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed,
+                      "skipped_shards": self.loader.skipped_shards, "skipped_steps": self.guard.last.skipped_steps}
             self.records.append(record)
             writer.write(record)
             wandb.log(record, self.step)
             tensorboard.log(record, self.step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
+            if self.guard.last.skipped:
+                log(dims, self.guard.describe_skip(self.step))
+            elif not math.isfinite(loss):  # only with train.guard.enabled=false
+                raise DivergedError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
+            if self.guard.needs_rollback():
+                writer.close()
+                self.rollback()
+                writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
+                watchdog.beat(f"rollback to step {self.step}")
+                continue
             last = self.step == cfg.train.max_steps
             if self.step % cfg.train.log_interval == 0 or last or self.step == first_step + 1:
                 eta = (time.perf_counter() - run_start) / (self.step - first_step) * (cfg.train.max_steps - self.step)
@@ -188,7 +225,9 @@ class Trainer:
                 wandb.log({"eval_loss": eval_loss}, self.step)
                 tensorboard.log({"eval_loss": eval_loss}, self.step)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | eval_loss {eval_loss:.4f}")
+                watchdog.beat(f"eval at step {self.step}")
             scores = downstream.maybe_run(self.step, last)
+            watchdog.beat(f"downstream eval at step {self.step}")
             if scores:
                 writer.write({"step": self.step, **scores})
                 wandb.log(scores, self.step)
@@ -199,23 +238,46 @@ class Trainer:
             interval = cfg.checkpoint.interval
             if last or stopping or (interval and self.step % interval == 0):
                 self.save()
+                watchdog.beat(f"checkpoint at step {self.step}")
             if stopping:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")
                 break
+        watchdog.stop()
         writer.close()
         wandb.close()
         tensorboard.close()
         return self.records
 
+    def rollback(self) -> None:
+        """Back to the newest verified checkpoint: weights, moments, step and RNG, but not the data
+        position, so the batches that produced the bad steps are not read again."""
+        root = Path(self.cfg.run.dir) / "checkpoints"
+        bad_step = self.step
+        ckpt = agree_on_checkpoint(root)
+        if ckpt is None:
+            raise DivergedError(f"{self.cfg.train.guard.max_bad_steps} bad steps in a row at step {bad_step} and no "
+                                "checkpoint to roll back to; lower optim.lr or save earlier (checkpoint.interval)")
+        manifest = checkpoint.load(self.engine, ckpt, to_dict(self.cfg)["model"], verified=True)
+        self.guard.rolled_back(bad_step)
+        self.step = manifest["step"]
+        self.records = [r for r in self.records if r["step"] <= self.step]
+        if self.dims.is_main:
+            trim_metrics(self.cfg.run.dir, self.step)
+        log(self.dims, f"rolled back from step {bad_step} to {ckpt} (step {self.step}) after "
+                       f"{self.cfg.train.guard.max_bad_steps} bad steps in a row; the data position stays past "
+                       f"the bad batches (rollback {self.guard.rollbacks} of at most "
+                       f"{self.cfg.train.guard.max_rollbacks})")
 
-def build(cfg: Config) -> Trainer:
+
+def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
+    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing)."""
     device_kind = resolve_device(cfg.train.device)
-    dims = init_distributed(cfg.parallel.tp, device_kind)
+    dims = init_distributed(cfg.parallel.tp, device_kind, timeout_minutes=cfg.train.collective_timeout / 60)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
     data_dir = dataset_dir(cfg)
-    vocab = load_tokenizer(data_dir).get_vocab_size()
+    vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
@@ -226,8 +288,9 @@ def build(cfg: Config) -> Trainer:
     engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
     checkpoint.materialize_optimizer_state(engine)
     loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
-    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision)
+                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
+    trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
+                      faults or faults_from_config(cfg.faults, dims.rank))
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
               f"tp {dims.tp} x dp {dims.dp} | ZeRO-{cfg.parallel.zero_stage} | {precision} | attention {backend} | "
               f"{trainer.tokens_per_step} tokens/step")
@@ -241,12 +304,15 @@ def build(cfg: Config) -> Trainer:
 def resume(trainer: Trainer) -> None:
     cfg, dims = trainer.cfg, trainer.dims
     model_cfg = to_dict(cfg)["model"]
-    latest = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
+    latest = agree_on_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
     start = time.perf_counter()
     if latest is not None:
-        manifest = checkpoint.load(trainer.engine, latest, model_cfg)
+        manifest = checkpoint.load(trainer.engine, latest, model_cfg, verified=True)
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
+        trainer.guard.load_state_dict(manifest.get("guard"))
+        if dims.is_main:
+            trim_metrics(cfg.run.dir, trainer.step)
         saved = manifest["layout"]
         log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
                   f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
@@ -257,6 +323,7 @@ def resume(trainer: Trainer) -> None:
         log(dims, f"initialised {'weights and optimizer state' if fork else 'weights'} from {source}")
         if fork:  # continue that run's step count (and so its lr schedule) and, on the same data, its position
             trainer.step = manifest["step"]
+            trainer.guard.load_state_dict(manifest.get("guard"))
             try:
                 trainer.loader.load_state_dict(manifest["data"])
             except StateError as err:
@@ -269,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         trainer = build(cfg)
         trainer.run()
-    except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError) as err:
+    except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError, DivergedError) as err:
         print(f"{err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -34,7 +34,9 @@ LAYOUTS = {
     "tp1-dp1-z0": (1, ["parallel.tp=1", "parallel.zero_stage=0", "train.micro_batch_size=4"]),
     "tp1-dp2-z1": (2, ["parallel.tp=1", "parallel.zero_stage=1", "train.micro_batch_size=2"]),
     "tp1-dp2-z3": (2, ["parallel.tp=1", "parallel.zero_stage=3", "train.micro_batch_size=2"]),
-    "tp2-dp1-z0": (2, ["parallel.tp=2", "parallel.zero_stage=0", "train.micro_batch_size=4"]),
+    # Unfused q/k/v and gate/up: checkpoints of fused and unfused models are interchangeable.
+    "tp2-dp1-z0": (2, ["parallel.tp=2", "parallel.zero_stage=0", "train.micro_batch_size=4",
+                       "model.fused_qkv=false", "model.fused_mlp=false"]),
     "tp2-dp2-z1": (4, ["parallel.tp=2", "parallel.zero_stage=1", "train.micro_batch_size=2"]),
 }
 # Every saved layout resumes in itself, in another TP size and in another ZeRO stage. Chosen so

@@ -27,6 +27,7 @@ from pretrain.data import (
     write_manifest,
     write_token_shards,
 )
+from pretrain.data.sampling import document_permutation, rank_shards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,9 +61,24 @@ def shard_tokens(dataset: Path, file: str) -> list[np.ndarray]:
     return docs
 
 
+def epoch_documents(loader: TokenLoader, epoch: int) -> list[np.ndarray]:
+    """The documents this rank should read in ``epoch``, in order: its shards in groups of
+    ``shuffle_shards``, each group's documents in the order document_permutation gives them."""
+    shards = loader.assigned_shards(epoch)
+    indices = rank_shards(len(loader.sources[0].shards), loader.seed, epoch, loader.dp_rank, loader.dp_size)
+    size = max(1, loader.shuffle_shards)
+    docs = []
+    for g in range(0, len(shards), size):
+        group = [d for f in shards[g : g + size] for d in shard_tokens(loader.sources[0].dir, f)]
+        if loader.shuffle_shards:
+            group = [group[j] for j in document_permutation(len(group), loader.seed, epoch, *indices[g : g + size])]
+        docs += group
+    return docs
+
+
 def epoch_stream(loader: TokenLoader, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """The tokens and expected position ids this rank should read in ``epoch``, in order."""
-    docs = [d for f in loader.assigned_shards(epoch) for d in shard_tokens(loader.sources[0].dir, f)]
+    docs = epoch_documents(loader, epoch)
     return np.concatenate(docs).astype(np.int64), np.concatenate([np.arange(d.size) for d in docs])
 
 
@@ -136,9 +152,10 @@ def test_same_seed_same_batches_different_seed_different_order(dataset: Path):
 # ---------------------------------------------------------------- packing
 
 
-def test_packing_every_token_is_an_input_once_and_labels_shift_by_one(dataset: Path):
+@pytest.mark.parametrize("shuffle_shards", [0, 1, 4])
+def test_packing_every_token_is_an_input_once_and_labels_shift_by_one(dataset: Path, shuffle_shards: int):
     seq_len, mbs = 50, 3
-    loader = TokenLoader(dataset, "train", seq_len, mbs, 0, 1, seed=11)
+    loader = TokenLoader(dataset, "train", seq_len, mbs, 0, 1, seed=11, shuffle_shards=shuffle_shards)
     stream, positions = epoch_stream(loader, 0)
     n_batches = len(stream) // (seq_len * mbs) - 1  # stay inside epoch 0 (labels need one more)
     batches = take(iter(loader), n_batches)
@@ -181,6 +198,24 @@ def test_resume_is_bit_exact_same_dp_size(dataset: Path, k: int):
         assert_same_batches(take(iter(resumed), 20), reference)
 
 
+def test_documents_are_shuffled_across_the_shards_of_a_group(dataset: Path):
+    loader = TokenLoader(dataset, "train", 64, 2, 0, 1, seed=2, shuffle_shards=4)
+    shard_of = _shard_of(dataset)
+    starts = [d[0] for d in epoch_documents(loader, 0)[:16]]
+    first_group = set(loader.assigned_shards(0)[:4])
+    assert {shard_of[int(v)] for v in starts} == first_group  # the first 16 documents span the whole group
+    tokens = inputs_of(take(iter(loader), 30))
+    runs = np.count_nonzero(np.diff([int(shard_of[int(v)][6:11]) for v in tokens]))
+    assert runs > 8  # the packed stream switches between shards many times, not once per shard
+
+
+def test_state_from_before_document_shuffling_is_refused_with_the_fix(dataset: Path):
+    loader = TokenLoader(dataset, "train", 32, 2, 0, 1, seed=1)
+    state = {**TokenLoader.merge_states([loader.state_dict()]), "version": 1}
+    with pytest.raises(ValueError, match="checkpoint.resume=false"):
+        loader.load_state_dict(state)
+
+
 def test_single_rank_resumes_from_its_own_state(dataset: Path):
     kw = dict(split="train", seq_len=40, micro_batch_size=3, dp_rank=0, dp_size=1, seed=1)
     loader = TokenLoader(dataset, **kw)
@@ -215,8 +250,8 @@ def test_resume_with_different_dp_size_neither_repeats_nor_skips(dataset: Path, 
         while len(got) <= remaining:
             got = np.concatenate([got, inputs_of([next(it)])])
         read_after.append(got[:remaining])
-        # the stream continues with the first shard of epoch 1
-        assert got[remaining] == shard_tokens(dataset, loader.assigned_shards(1)[0])[0][0]
+        # the stream continues with the first document of epoch 1
+        assert got[remaining] == epoch_documents(loader, 1)[0][0]
     union = np.concatenate([read_before, *read_after])
     assert len(union) == len(epoch_tokens) and len(np.unique(union)) == len(union)
     assert set(union.tolist()) == set(epoch_tokens.tolist())

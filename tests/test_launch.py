@@ -28,6 +28,13 @@ def test_dry_run_local_prints_plan_and_torchrun_command(capsys):
     assert "-m pretrain.train model.hidden_size=64" in command
 
 
+def test_threads_per_process_sets_the_workers_omp_threads(capsys):
+    assert launch_main.main(["--dry-run", *TINY, "launcher.nproc_per_node=2", "launcher.threads_per_process=3"]) == 0
+    assert "command: OMP_NUM_THREADS=3 " in capsys.readouterr().out
+    assert launch_main.main(["--dry-run", *TINY, "launcher.threads_per_process=-1"]) == 2
+    assert "launcher.threads_per_process" in capsys.readouterr().err
+
+
 def test_dry_run_multinode_without_slurm_names_rendezvous():
     out = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "launcher.nnodes=2", "launcher.nproc_per_node=1",
                           "launcher.rdzv_endpoint=127.0.0.1:29411", "launcher.local_addr=127.0.0.1",

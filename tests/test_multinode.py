@@ -20,7 +20,9 @@ from tests.infra.fixtures import netns_pair  # noqa: F401,E402  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30
-OVERRIDES = [*TINY, f"train.max_steps={STEPS}"]
+# One thread per process in both runs: the two-host run has 1 process per host and the one-node run 2,
+# so the automatic share of cores would differ, and with it the order of every reduction.
+OVERRIDES = [*TINY, f"train.max_steps={STEPS}", "launcher.threads_per_process=1"]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -49,6 +51,7 @@ def test_two_hosts_train_like_one_node(netns_pair, tmp_path):
     host_log = outputs[ns.a.name]
     assert f"GLOO_SOCKET_IFNAME={ns.a.ifname}" in host_log and "is_host=1" in host_log
     assert "plan: 2 node(s) x 1 process(es) = 2 ranks" in host_log
+    assert "OMP_NUM_THREADS=1 " in host_log  # the threads per process are the one-node run's
     two, one = losses(tmp_path / "two-nodes"), losses(tmp_path / "one-node")
     assert len(two) == len(one) == STEPS
     assert two == one  # same world size, same batches, same reductions: the same run

@@ -25,7 +25,10 @@ from tests.infra.fixtures import slurm_cluster  # noqa: F401,E402  (pytest fixtu
 
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
 STEPS = 300  # ~10 s of training: long enough to be interrupted mid-run
-OVERRIDES = [*TINY, f"train.max_steps={STEPS}", "checkpoint.interval=50", "launcher.nproc_per_node=2"]
+# Threads per worker fixed, not derived from the node: the two jobs compared bit for bit must reduce in
+# the same order wherever SLURM places them.
+OVERRIDES = [*TINY, f"train.max_steps={STEPS}", "checkpoint.interval=50", "launcher.nproc_per_node=2",
+             "launcher.threads_per_process=1"]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -7,7 +7,7 @@ only read or write checkpoint files (offline.py, tools/convert_checkpoint.py) st
 from pretrain.checkpoint.format import CheckpointError, latest_checkpoint, read_manifest, resolve
 
 __all__ = ["CheckpointError", "latest_checkpoint", "read_manifest", "resolve", "load", "save",
-           "read_full_tensors", "materialize_optimizer_state"]
+           "read_full_tensors", "materialize_optimizer_state", "optimizer_step"]
 
 
 def __getattr__(name: str):
@@ -19,8 +19,8 @@ def __getattr__(name: str):
         from pretrain.checkpoint.offline import iter_tensors
 
         return iter_tensors
-    if name == "materialize_optimizer_state":
-        from pretrain.checkpoint.state import materialize_optimizer_state
+    if name in ("materialize_optimizer_state", "optimizer_step"):
+        from pretrain.checkpoint import state
 
-        return materialize_optimizer_state
+        return getattr(state, name)
     raise AttributeError(f"module 'pretrain.checkpoint' has no attribute {name!r}")

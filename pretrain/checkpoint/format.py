@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from pretrain.files import fsync_dir, sha256_file
+from pretrain.files import confined, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -41,6 +42,7 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_he
 TOKENIZER_FILE = "tokenizer.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state saved per parameter, as "<name>.<moment>"
 TMP_PREFIX = ".tmp-"
+STEP_DIR = re.compile(r"step_\d{8,}")
 
 
 class CheckpointError(RuntimeError):
@@ -86,7 +88,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    path = confined(root, name)
+    if path is None or not STEP_DIR.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a step_* directory inside {root}; "
+                              f"point it at one (e.g. `echo step_00000100 > {pointer}`)")
     if not (path / "manifest.json").exists():
         raise CheckpointError(f"{pointer} names {path.name}, which has no manifest.json; "
                               f"point {pointer} at a complete step_* directory")
@@ -114,6 +123,10 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt ({err}); use an earlier checkpoint") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err.strerror}); use an earlier checkpoint") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: corrupt (not a JSON object); use an earlier checkpoint")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r} is newer than this version of pretrain "
@@ -121,15 +134,85 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     missing = [k for k in ("step", "model", "tensors", "files", "layout") if k not in manifest]
     if missing:
         raise CheckpointError(f"{path}: corrupt (no {', '.join(missing)}); use an earlier checkpoint")
+    _check_names(ckpt, manifest)
     return manifest
+
+
+def _check_names(ckpt: Path, manifest: dict[str, Any]) -> None:
+    """Every file name the manifest gives stays inside the checkpoint directory, and the types fit."""
+    where = ckpt / "manifest.json"
+    if not isinstance(manifest["step"], int) or manifest["step"] < 0 or not isinstance(manifest["model"], dict) \
+            or not isinstance(manifest["tensors"], dict) or not isinstance(manifest["files"], dict):
+        raise CheckpointError(f"{where}: corrupt (step, model, tensors or files has the wrong type); "
+                              "use an earlier checkpoint")
+    names = list(manifest["files"])
+    for info in manifest["tensors"].values():
+        if not isinstance(info, dict) or "file" not in info:
+            raise CheckpointError(f"{where}: corrupt tensor entry {str(info)[:60]}; use an earlier checkpoint")
+        names += [info["file"], *([info["optim_file"]] if "optim_file" in info else [])]
+    tok = manifest.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("file"):
+        names.append(tok["file"])
+    for name in names:
+        if confined(ckpt, name) is None:
+            raise CheckpointError(f"{where}: names file {str(name)[:80]!r} outside the checkpoint directory; "
+                                  "the manifest is corrupt or crafted, use another checkpoint")
+    for name, info in manifest["files"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{where}: corrupt entry for {name}; use an earlier checkpoint")
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Read the manifest and check every file's size and sha256; the manifest, or CheckpointError."""
+    manifest = read_manifest(ckpt)
+    verify_files(ckpt, manifest)
+    return manifest
+
+
+def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: `latest` if it verifies, else the newest older one that does.
+
+    Returns (checkpoint or None when there is none at all, warnings: one line per checkpoint passed
+    over). Raises CheckpointError when checkpoints exist but none verifies. Reads every file of each
+    candidate (the sha256 check), so call it on one rank and broadcast the answer.
+    """
+    if not root.is_dir():
+        return None, []
+    candidates, warnings, bad = [], [], None
+    try:
+        latest = latest_checkpoint(root)
+    except CheckpointError as err:
+        latest, bad = None, str(err)
+    steps = sorted((p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()), reverse=True)
+    if latest is not None:
+        candidates = [latest] + [p for p in steps if p.name < latest.name]
+    else:
+        candidates = steps
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as err:
+            bad = bad or str(err)
+            warnings.append(f"checkpoint {ckpt} does not verify ({err})")
+            continue
+        if bad:
+            warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint: {bad}")
+        return ckpt, warnings
+    if bad:
+        raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over with checkpoint.resume=false "
+                              "or another run.dir (nothing was deleted)")
+    return None, warnings
 
 
 def verify_files(ckpt: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
     """Check the named (default: all) files exist with the recorded size and sha256."""
     files = manifest["files"]
     for name in names if names is not None else list(files):
-        path = ckpt / name
-        if not path.exists():
+        path = confined(ckpt, name)
+        if path is None:
+            raise CheckpointError(f"{ckpt / 'manifest.json'}: names file {str(name)[:80]!r} outside the "
+                                  "checkpoint directory; use another checkpoint")
+        if not path.is_file():
             raise CheckpointError(f"{path}: missing; the checkpoint is incomplete, use an earlier one")
         info = files[name]
         if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
@@ -177,15 +260,33 @@ def remove_interrupted(root: Path) -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names.
+    """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names and
+    never the newest one that verifies.
 
     Only step_* directories with a manifest count as complete: a temp directory is never one of
-    the kept, and is never mistaken for the newest.
+    the kept, and is never mistaken for the newest. Before anything is deleted the kept ones are
+    verified newest first (sha256 of every file; normally only the checkpoint just written, from
+    the page cache): if none of them verifies, the newest older one that does is kept too, so a
+    damaged disk never leaves a run with nothing to resume from.
     """
     if keep_last <= 0:
         return
     latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
     done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").exists())
-    for old in done[:-keep_last]:
-        if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
+    old, kept = done[:-keep_last], done[-keep_last:]
+    if not old:
+        return
+    keep = {p for p in old if p.name == latest}
+    if not any(_verifies(p) for p in reversed(kept)):
+        keep |= set(next(([p] for p in reversed(old) if _verifies(p)), []))
+    for ckpt in old:
+        if ckpt not in keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        verify_checkpoint(ckpt)
+        return True
+    except CheckpointError:
+        return False

@@ -82,20 +82,25 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
     dist.barrier()
 
     params = list(model.named_parameters())
-    shapes = [sharding.full_shape(param) for _, param in params]
-    writers = assign_writers([s.numel() for s in shapes], world)
+    writers = assign_writers([sharding.full_shape(param).numel() for _, param in params], world)
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     index: dict[str, dict[str, Any]] = {}
-    for (pname, param), shape, writer in zip(params, shapes, writers):
+    for (pname, param), writer in zip(params, writers):
         full = sharding.gather(get_param(param), param)
         full_moments = {k: sharding.gather(get_moment(engine, param, k), param) for k in MOMENTS}
-        index[pname] = {"file": f"model-{writer:05d}-of-{world:05d}.safetensors",
-                        "optim_file": f"optim-{writer:05d}-of-{world:05d}.safetensors",
-                        "shape": list(shape), "tp_partition_dim": sharding.partition_dim(param)}
+        # A fused weight is stored as its parts (q_proj, k_proj, v_proj), so the checkpoint is the same
+        # whether or not the model fuses them.
+        for lname, value in sharding.split_full(pname, param, full):
+            index[lname] = {"file": f"model-{writer:05d}-of-{world:05d}.safetensors",
+                            "optim_file": f"optim-{writer:05d}-of-{world:05d}.safetensors",
+                            "shape": list(value.shape), "tp_partition_dim": sharding.partition_dim(param)}
+            if writer == rank:
+                weights[lname] = value.contiguous()
         if writer == rank:
-            weights[pname] = full.contiguous()
-            moments.update({f"{pname}.{k}": v.contiguous() for k, v in full_moments.items()})
+            for k, v in full_moments.items():
+                moments.update({f"{lname}.{k}": part.contiguous()
+                                for lname, part in sharding.split_full(pname, param, v)})
         del full, full_moments
 
     error, files = None, {}
@@ -149,12 +154,13 @@ def _check_tensors(ckpt: Path, manifest: dict[str, Any], params: list, weights_o
     """Every parameter present with its full shape (and moments unless weights_only), no extras."""
     where = ckpt / "manifest.json"
     tensors = manifest["tensors"]
-    names = {pname for pname, _ in params}
-    for pname, param in params:
+    logical = [(n, shape) for pname, param in params for n, shape in sharding.logical_shapes(pname, param)]
+    names = {pname for pname, _ in logical}
+    for pname, shape in logical:
         info = tensors.get(pname)
         if info is None:
             raise CheckpointError(f"{where}: has no tensor {pname}; it was saved from a different model")
-        want = list(sharding.full_shape(param))
+        want = list(shape)
         if list(info["shape"]) != want:
             raise CheckpointError(f"{where}: tensor {pname} has shape {info['shape']}, this model needs {want}; "
                                   "it was saved from a different model")
@@ -167,11 +173,13 @@ def _check_tensors(ckpt: Path, manifest: dict[str, Any], params: list, weights_o
                               "it was saved from a different model")
 
 
-def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = False) -> dict[str, Any]:
+def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = False,
+         verified: bool = False) -> dict[str, Any]:
     """Load checkpoint `ckpt` into this rank's shards; returns the manifest. Collective.
 
     Everything is checked (manifest, model shape, every tensor's name and shape, every file's
     checksum) before the first parameter changes, so a CheckpointError leaves the model as it was.
+    verified=True skips the checksums (rank 0 has just checked them, see pretrain.resume).
     """
     params = list(engine.module.named_parameters())
     error = None
@@ -179,7 +187,7 @@ def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = Fal
         manifest = read_manifest(ckpt)
         check_model_shape(manifest, model_cfg, ckpt)
         _check_tensors(ckpt, manifest, params, weights_only)
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 and not verified:
             verify_files(ckpt, manifest)
     except CheckpointError as err:
         error = str(err)
@@ -196,12 +204,18 @@ def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = Fal
             handles[fname] = safe_open(str(ckpt / fname), framework="pt")
         return handles[fname].get_tensor(key)
 
+    def full(pname: str, param: torch.Tensor, key: str | None) -> torch.Tensor:
+        """A parameter's full tensor (key None) or moment, merged from its stored parts."""
+        infos = manifest["tensors"]
+        return sharding.merge_full(param, [
+            tensor(infos[n]["file"], n) if key is None else tensor(infos[n]["optim_file"], f"{n}.{key}")
+            for n in sharding.logical_names(pname, param)])
+
     for pname, param in params:
-        info = manifest["tensors"][pname]
-        set_param(param, sharding.shard(tensor(info["file"], pname), param))
+        set_param(param, sharding.shard(full(pname, param, None), param))
         if not weights_only:
             for key in MOMENTS:
-                set_moment(engine, param, key, sharding.shard(tensor(info["optim_file"], f"{pname}.{key}"), param))
+                set_moment(engine, param, key, sharding.shard(full(pname, param, key), param))
     if not weights_only:
         set_optimizer_step(engine, manifest["optimizer_step"])
         rng_file = f"rng-{dist.get_rank():05d}.safetensors"

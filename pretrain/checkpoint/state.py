@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from pretrain.checkpoint.format import MOMENTS
 from pretrain.parallel.engine import base_optimizer
 
-__all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "set_optimizer_step",
+__all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "optimizer_step", "set_optimizer_step",
            "materialize_optimizer_state"]
 
 
@@ -54,6 +54,14 @@ def set_moment(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor)
         safe_set_full_optimizer_state(param, value, key)
     else:
         base_optimizer(engine).state[param][key].copy_(value)
+
+
+def optimizer_step(engine) -> int:
+    """Adam's step count (skipped steps do not count), read from the optimizer state."""
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 def set_optimizer_step(engine, step: int) -> None:

@@ -1,7 +1,9 @@
 """TokenLoader: packed [batch, seq] batches for one DP rank, infinite, exactly resumable.
 
 In epoch e the split's shards are permuted by (seed, e) and rank r reads permuted shards
-r, r + dp_size, ...; the rank's documents are packed back to back into samples of seq_len + 1
+r, r + dp_size, ...; it reads them in groups of ``shuffle_shards`` and emits each group's
+documents in a seeded random order (a shuffle spanning several shards, so consecutive samples do
+not all come from one part of the corpus). The documents are packed back to back into samples of seq_len + 1
 tokens overlapping by one (input_ids = sample[:-1], labels = sample[1:]); position_ids restart at
 0 at every document start so attention can keep documents apart. Several datasets can be mixed by
 weight: each sample comes whole from one source, chosen by a seeded hash of the sample number.
@@ -9,6 +11,7 @@ weight: each sample comes whole from one source, chosen by a seeded hash of the 
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch
 from pretrain.data.manifest import DatasetError
 from pretrain.data.packing import Consumed, Packer, Source, iter_pieces
 from pretrain.data.sampling import choose_source, rank_shards
+from pretrain.data.shards import ReadOptions
 from pretrain.data.state import STATE_VERSION, localize_state, merge_rank_states, source_state
 
 DatasetSpec = Union[str, Path, Sequence[tuple[Union[str, Path], float]]]
@@ -45,7 +49,8 @@ class Batch:
 class TokenLoader:
     """Batches for DP rank ``dp_rank`` of ``dp_size`` from one dataset or a weighted mixture.
 
-    ``dataset_dir`` is a dataset directory or a list of (dataset directory, weight). Iterating is
+    ``dataset_dir`` is a dataset directory (or a URL webdataset opens, holding manifest.json) or a
+    list of (dataset, weight). Iterating is
     infinite; state_dict() after a batch, merged over ranks with merge_states(), lets
     load_state_dict() continue at the exact next token, also under a different dp_size.
     """
@@ -60,6 +65,9 @@ class TokenLoader:
         dp_size: int,
         seed: int,
         verify_checksums: bool = False,
+        shuffle_shards: int = 8,
+        read_options: ReadOptions = ReadOptions(),
+        on_bad_shard: str = "error",
     ):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
@@ -70,7 +78,10 @@ class TokenLoader:
             raise ValueError("a mixture needs at least one (dataset_dir, weight) pair, every weight > 0")
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.sources = [Source(d, split, verify_checksums) for d, _ in specs]
+        if shuffle_shards < 0:
+            raise ValueError(f"shuffle_shards must be >= 0, got {shuffle_shards}")
+        self.shuffle_shards = shuffle_shards
+        self.sources = [Source(d, split, verify_checksums, read_options, on_bad_shard) for d, _ in specs]
         self._cumulative = list(itertools.accumulate(float(w) for _, w in specs))
         for source in self.sources:
             if len(source.shards) < dp_size:
@@ -87,6 +98,11 @@ class TokenLoader:
         self._draws = 0
         self._generation = 0  # bumped by load_state_dict so stale iterators stop
 
+    @property
+    def skipped_shards(self) -> int:
+        """Shards skipped as unreadable so far (data.on_bad_shard=skip), over all sources."""
+        return sum(len(s.skipped) for s in self.sources)
+
     def assigned_shards(self, epoch: int, source: int = 0) -> list[str]:
         """File names of the shards this rank reads in ``epoch``, in reading order."""
         src = self.sources[source]
@@ -96,8 +112,9 @@ class TokenLoader:
         generation = self._generation
         packers = []
         for k, source in enumerate(self.sources):
-            skip = {e: dict(d) for e, d in self._consumed[k].items()}  # snapshot: where each shard resumes
-            pieces = iter_pieces(source, self.seed, self.dp_rank, self.dp_size, self._epochs[k], skip)
+            skip = copy.deepcopy(self._consumed[k])  # snapshot: what each shard has left
+            pieces = iter_pieces(source, self.seed, self.dp_rank, self.dp_size, self._epochs[k], skip,
+                                 self.shuffle_shards)
             packers.append(Packer(pieces, self.seq_len, self._consumed[k], self._epochs[k]))
         while True:
             samples = []

@@ -22,6 +22,30 @@ FORMAT_VERSION = 1
 SUPPORTED_DTYPES = ("uint16", "uint32")
 
 
+_URL_SCHEMES = ("pipe:", "http://", "https://", "file:", "s3://", "gs://")
+
+
+def is_url(location: str | Path) -> bool:
+    """True for anything webdataset opens other than a plain local path."""
+    return str(location).startswith(_URL_SCHEMES)
+
+
+def join_location(location: str | Path, file: str) -> str:
+    """Where a manifest entry lives: URLs and absolute paths as they are, others next to the manifest."""
+    if is_url(file) or os.path.isabs(file):
+        return file
+    return f"{str(location).rstrip('/')}/{file}" if is_url(location) else str(Path(location) / file)
+
+
+def _read_text(location: str | Path, name: str) -> str:
+    if not is_url(location):
+        return (Path(location) / name).read_text()
+    import webdataset as wds  # reads http(s) through curl, pipe: through the shell
+
+    with wds.gopen(join_location(location, name), "rb") as f:
+        return f.read().decode()
+
+
 class DatasetError(ValueError):
     """A dataset is missing, corrupt or incompatible; the message names the file and the fix."""
 
@@ -92,14 +116,16 @@ def write_manifest(dataset_dir: str | Path, manifest: Manifest) -> Path:
 
 
 def read_manifest(dataset_dir: str | Path) -> Manifest:
-    """Read and validate ``manifest.json``; raise DatasetError naming the file if it is unusable."""
-    path = Path(dataset_dir) / MANIFEST_NAME
+    """Read and validate ``manifest.json`` (a directory, or a URL webdataset can open); raise DatasetError naming the file if it is unusable."""
+    path = join_location(dataset_dir, MANIFEST_NAME)
     fix = "re-create the dataset with tools/prepare_data.py (or delete the directory to rebuild the embedded corpus)"
-    if not path.is_file():
+    if not is_url(dataset_dir) and not Path(path).is_file():
         raise DatasetError(f"{path}: manifest not found; is {dataset_dir} a dataset directory? {fix}")
     try:
-        body = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = json.loads(_read_text(dataset_dir, MANIFEST_NAME))
+    except OSError as e:
+        raise DatasetError(f"{path}: manifest cannot be read ({e}); check the location") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"{path}: manifest is not valid JSON ({e}); {fix}") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest; {fix}")

@@ -8,37 +8,68 @@ count is the whole resume state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.manifest import DatasetError, ShardInfo, TokenizerInfo, read_manifest
-from pretrain.data.sampling import rank_shards
-from pretrain.data.shards import iter_shard_documents, verify_shard
+from pretrain.data.manifest import DatasetError, ShardInfo, TokenizerInfo, is_url, join_location, read_manifest
+from pretrain.data.sampling import document_permutation, rank_shards
+from pretrain.data.shards import ReadOptions, read_shard, verify_shard
 
-# consumed[epoch][shard_index] = tokens of that shard consumed as inputs
-Consumed = dict[int, dict[int, int]]
+
+
+@dataclass
+class ShardProgress:
+    """What a rank consumed of one shard in one epoch: whole documents and the tokens of partial ones.
+
+    Documents are numbered by their order in the shard. Because documents are read in a shuffled
+    order, consumption is a set, not a prefix; it is independent of the DP layout, so any set of
+    ranks can resume from it.
+    """
+
+    done: set[int] = field(default_factory=set)
+    partial: dict[int, int] = field(default_factory=dict)  # document -> tokens consumed as inputs
+    full: bool = False  # every document consumed
+
+
+# consumed[epoch][shard_index]: the resume state of one source on one rank
+Consumed = dict[int, dict[int, ShardProgress]]
 
 
 class Source:
-    """One split of one dataset directory: its shards, and reading them (optionally verified)."""
+    """One split of one dataset (a directory or a URL holding manifest.json): its shards, and reading them.
 
-    def __init__(self, dataset_dir: str | Path, split: str, verify_checksums: bool = False):
-        self.dir = Path(dataset_dir)
-        manifest = read_manifest(self.dir)
+    ``on_bad_shard="skip"`` turns an unreadable shard into a warning and an empty shard, counted
+    in ``skipped``; ``"error"`` raises the DatasetError that names it.
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, verify_checksums: bool = False,
+                 options: ReadOptions = ReadOptions(), on_bad_shard: str = "error"):
+        if on_bad_shard not in ("error", "skip"):
+            raise ValueError(f"on_bad_shard must be 'error' or 'skip', got {on_bad_shard!r}")
+        self.location = str(dataset_dir)
+        self.dir = Path(dataset_dir)  # meaningful for local datasets
+        manifest = read_manifest(self.location)
         self.split = split
         self.shards: list[ShardInfo] = manifest.shards(split)
         self.tokenizer: TokenizerInfo | None = manifest.tokenizer
         self.verify_checksums = verify_checksums
+        vocab = manifest.tokenizer.vocab_size if manifest.tokenizer else options.vocab_size
+        self.options = dataclasses.replace(options, dtype=manifest.dtype, vocab_size=vocab)
+        self.on_bad_shard = on_bad_shard
+        self.skipped: list[str] = []
         self._verified: set[int] = set()
         for shard in self.shards:
-            if not (self.dir / shard.file).is_file():
+            url = join_location(self.location, shard.file)
+            if not is_url(url) and not Path(url).is_file() and on_bad_shard == "error":
                 raise DatasetError(
-                    f"{self.dir / shard.file}: shard file is missing; re-create the dataset with "
+                    f"{url}: shard file is missing; re-create the dataset with "
                     f"tools/prepare_data.py (embedded corpus: delete its directory to rebuild)"
                 )
         # Identifies the shard list, so a state saved on other data is refused rather than misapplied.
@@ -47,49 +78,84 @@ class Source:
 
     @property
     def name(self) -> str:
-        return self.dir.name
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
 
-    def read(self, index: int) -> Iterator[np.ndarray]:
-        """The documents of shard ``index``, streamed; checksum verified on first use if asked."""
-        shard = self.shards[index]
-        path = self.dir / shard.file
-        if self.verify_checksums and index not in self._verified:
-            verify_shard(path, shard)
-            self._verified.add(index)
-        return iter_shard_documents(path, shard)
+    def url(self, index: int) -> str:
+        return join_location(self.location, self.shards[index].file)
+
+    def read(self, index: int) -> list[np.ndarray]:
+        """The documents of shard ``index``; checksum verified on first use if asked."""
+        shard, url = self.shards[index], self.url(index)
+        try:
+            if self.verify_checksums and index not in self._verified and not is_url(url):
+                verify_shard(Path(url), shard)
+                self._verified.add(index)
+            return read_shard(url, shard, self.options)
+        except DatasetError as e:
+            if self.on_bad_shard == "error":
+                raise
+            self.skipped.append(url)
+            warnings.warn(f"skipping bad shard (data.on_bad_shard=skip): {e}", RuntimeWarning, stacklevel=2)
+            return []
 
 
 @dataclass
 class Piece:
-    """A contiguous run of one document's tokens from one shard."""
+    """The rest of one document from one shard (the whole document unless resuming inside it)."""
 
     epoch: int
     shard: int
+    doc: int  # index of the document within its shard
     tokens: np.ndarray
     position: int  # position id of tokens[0] within its document
+    closes: tuple[int, ...] = ()  # shards finished once this piece is consumed (the last piece of a group)
+
+
+def _group_documents(source: Source, group: list[int], progress: dict[int, ShardProgress],
+                     key: tuple[int, ...], shuffle: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(shard, doc, tokens) of a group of shards: streamed in file order, or all read and permuted."""
+    todo = [i for i in group if not (i in progress and progress[i].full)]
+    if not shuffle:
+        for i in todo:
+            for d, doc in enumerate(source.read(i)):
+                yield i, d, doc
+        return
+    docs = [(i, d, doc) for i in todo for d, doc in enumerate(source.read(i))]
+    for j in document_permutation(len(docs), *key):
+        yield docs[j]
 
 
 def iter_pieces(
-    source: Source, seed: int, dp_rank: int, dp_size: int, start_epoch: int, skip: Consumed
+    source: Source, seed: int, dp_rank: int, dp_size: int, start_epoch: int, skip: Consumed,
+    shuffle_shards: int = 0,
 ) -> Iterator[Piece]:
     """This rank's infinite token stream from ``start_epoch`` on, skipping already consumed tokens.
 
-    Shards start at document boundaries, so a resume offset inside a shard maps to a position
-    within a document by walking the shard's document lengths.
+    The rank's shards of an epoch are taken in groups of ``shuffle_shards``; the documents of a
+    group are read into memory and emitted in an order permuted by (seed, epoch, group), so
+    neighbouring samples come from different shards. ``shuffle_shards=0`` streams every shard in
+    file order, holding one document at a time.
     """
     epoch = start_epoch
+    size = max(1, shuffle_shards)
     while True:
-        for index in rank_shards(len(source.shards), seed, epoch, dp_rank, dp_size):
-            offset = skip.get(epoch, {}).get(index, 0)
-            if offset >= source.shards[index].tokens:
-                continue
-            doc_start = 0
-            for doc in source.read(index):
-                doc_end = doc_start + doc.size
-                if doc_end > offset:
-                    lo = max(0, offset - doc_start)
-                    yield Piece(epoch, index, doc[lo:], lo)
-                doc_start = doc_end
+        shards = rank_shards(len(source.shards), seed, epoch, dp_rank, dp_size)
+        progress = skip.get(epoch, {})
+        for g in range(0, len(shards), size):
+            group = shards[g : g + size]
+            key = (seed, epoch, *group)
+            pending: Piece | None = None  # one piece of lookahead, to mark the group's last one
+            for shard, d, doc in _group_documents(source, group, progress, key, shuffle_shards > 0):
+                seen = progress.get(shard)
+                if seen is not None and d in seen.done:
+                    continue
+                lo = seen.partial.get(d, 0) if seen is not None else 0
+                if pending is not None:
+                    yield pending
+                pending = Piece(epoch, shard, d, doc[lo:], lo)
+            if pending is not None:
+                pending.closes = tuple(group)
+                yield pending
         epoch += 1
 
 
@@ -131,14 +197,20 @@ class Packer:
         while count:
             piece = self._pending[0]
             n = min(piece.tokens.size - self._head, count)
-            per_shard = self.consumed.setdefault(piece.epoch, {})
-            per_shard[piece.shard] = per_shard.get(piece.shard, 0) + n
+            shards = self.consumed.setdefault(piece.epoch, {})
+            progress = shards.setdefault(piece.shard, ShardProgress())
             self._head += n
             self._available -= n
             count -= n
             if self._head == piece.tokens.size:
+                progress.partial.pop(piece.doc, None)
+                progress.done.add(piece.doc)
+                for shard in piece.closes:  # the group is finished: forget its documents
+                    shards[shard] = ShardProgress(full=True)
                 self._pending.popleft()
                 self._head = 0
+            else:
+                progress.partial[piece.doc] = piece.position + self._head
         # One token always stays pending (the last label), so the next token's epoch is known.
         self.epoch = self._pending[0].epoch
         for old in [e for e in self.consumed if e < self.epoch]:

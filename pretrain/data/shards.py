@@ -1,25 +1,31 @@
 """WebDataset token shards: one tar per shard, one ``<key>.npy`` member per document.
 
-The tar layout is WebDataset's (samples grouped by key, one file per field), so the shards can be
-inspected with ``tar tf`` or read by any WebDataset pipeline. Members get fixed metadata (mtime 0,
-uid 0) so the same documents always produce byte-identical shards and checksums.
+Shards are written with webdataset's TarWriter and read through webdataset's ``gopen``, so a shard
+can be a local path, a ``pipe:`` command (``pipe:aws s3 cp s3://bucket/train-000001.tar -``) or an
+http(s) URL. Members get fixed metadata (mtime 0, uid 0) so the same documents always produce
+byte-identical shards and checksums.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+import webdataset as wds
+from webdataset.tariterators import tar_file_iterator
 
-from pretrain.data.manifest import DatasetError, ShardInfo
+from pretrain.data.manifest import DatasetError, ShardInfo, is_url
 from pretrain.files import sha256_file
 
 _REBUILD = "re-create the dataset with tools/prepare_data.py (embedded corpus: delete its directory to rebuild)"
-
-
 class ShardWriter:
     """Writes documents into successive shards ``{split}-00000.tar``, ... of about ``tokens_per_shard``.
 
@@ -27,7 +33,8 @@ class ShardWriter:
     so every shard starts at a document start (the reader relies on this for position ids).
     """
 
-    def __init__(self, out_dir: Path, split: str, tokens_per_shard: int, dtype: np.dtype | str):
+    def __init__(self, out_dir: Path, split: str, tokens_per_shard: int, dtype: np.dtype | str,
+                 first_shard: int = 0):
         if tokens_per_shard < 1:
             raise ValueError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}")
         self.out_dir = Path(out_dir)
@@ -35,7 +42,9 @@ class ShardWriter:
         self.tokens_per_shard = tokens_per_shard
         self.dtype = np.dtype(dtype)
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
+        self._first = first_shard
+        self._file: IO[bytes] | None = None
+        self._tar: wds.TarWriter | None = None
         self._path: Path | None = None
         self._docs = 0
         self._tokens = 0
@@ -52,12 +61,8 @@ class ShardWriter:
             self._open()
         buf = io.BytesIO()
         np.save(buf, tokens.astype(self.dtype, copy=False), allow_pickle=False)
-        info = tarfile.TarInfo(f"{self.split}-{self._next_key:010d}.npy")
-        info.size = buf.tell()
-        info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
-        buf.seek(0)
         assert self._tar is not None
-        self._tar.addfile(info, buf)
+        self._tar.write({"__key__": f"{self.split}-{self._next_key:010d}", "npy": buf.getvalue()})
         self._next_key += 1
         self._docs += 1
         self._tokens += int(tokens.size)
@@ -71,14 +76,17 @@ class ShardWriter:
         return self.shards
 
     def _open(self) -> None:
-        self._path = self.out_dir / f"{self.split}-{len(self.shards):05d}.tar"
-        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._path = self.out_dir / f"{self.split}-{self._first + len(self.shards):05d}.tar"
+        self._file = open(self._path, "wb")
+        # Fixed owner, mode and mtime: the same documents give the same bytes.
+        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
 
     def _close_shard(self) -> None:
-        assert self._tar is not None and self._path is not None
+        assert self._tar is not None and self._path is not None and self._file is not None
         self._tar.close()
+        self._file.close()
         self.shards.append(ShardInfo(self._path.name, self._docs, self._tokens, sha256_file(self._path)))
-        self._tar, self._path, self._docs, self._tokens = None, None, 0, 0
+        self._tar, self._file, self._path, self._docs, self._tokens = None, None, None, 0, 0
 
 
 def write_token_shards(
@@ -106,35 +114,139 @@ def verify_shard(path: Path, shard: ShardInfo) -> None:
         )
 
 
-def iter_shard_documents(path: Path, shard: ShardInfo) -> Iterator[np.ndarray]:
-    """Stream the documents of one shard in order, one tar member at a time.
+@dataclass(frozen=True)
+class ReadOptions:
+    """How shards are read: what to accept, how long to wait, how often to retry a URL."""
 
-    Any read error, and a shard whose documents or tokens differ from the manifest (a truncated
-    file can end cleanly on a member boundary), raises DatasetError naming the file.
-    """
-    docs = tokens = 0
+    dtype: str | None = None  # the manifest's token dtype; None accepts uint16 and uint32
+    vocab_size: int | None = None  # token ids must be below this
+    timeout: float = 300.0  # seconds without a byte before a read counts as stalled
+    retries: int = 3  # further attempts after a failed URL read
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+
+
+class _TimedStream(io.RawIOBase):
+    """A read stream fed by a background thread, so a stalled source raises instead of hanging."""
+
+    def __init__(self, raw: IO[bytes], url: str, timeout: float, chunk: int = 1 << 20):
+        self._raw, self._url, self._timeout = raw, url, timeout
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._buffer, self._offset, self._eof = b"", 0, False
+        threading.Thread(target=self._pump, args=(chunk,), daemon=True).start()
+
+    def _pump(self, chunk: int) -> None:
+        try:
+            while True:
+                data = self._raw.read(chunk)
+                self._queue.put(data)
+                if not data:
+                    return
+        except BaseException as e:  # handed to the reader
+            self._queue.put(e)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._offset == len(self._buffer):
+            if self._eof:
+                return 0
+            try:
+                item = self._queue.get(timeout=self._timeout)
+            except queue.Empty:
+                self.abort()
+                raise TimeoutError(f"no data for {self._timeout:g}s (data.timeout)") from None
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                self._eof = True
+                return 0
+            self._buffer, self._offset = item, 0
+        n = min(len(b), len(self._buffer) - self._offset)
+        b[:n] = self._buffer[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def abort(self) -> None:
+        proc = getattr(self._raw, "proc", None)  # webdataset's Pipe (pipe:, http via curl)
+        if proc is not None:
+            proc.kill()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._raw.close()
+            except Exception:
+                pass  # a failing source was already reported by read()
+        super().close()
+
+
+def _decode(url: str, name: str, data: bytes, opts: ReadOptions) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    allowed = (opts.dtype,) if opts.dtype else ("uint16", "uint32")
+    if arr.dtype.name not in allowed or arr.ndim != 1:
+        raise DatasetError(f"{url}: member {name} holds {arr.dtype.name} of shape {arr.shape}, expected a 1-D "
+                           f"{' or '.join(allowed)} token array; {_REBUILD}")
+    if opts.vocab_size is not None and arr.size and int(arr.max()) >= opts.vocab_size:
+        raise DatasetError(f"{url}: member {name} has token id {int(arr.max())} >= vocabulary size "
+                           f"{opts.vocab_size}; the shard was tokenized with another tokenizer: {_REBUILD}")
+    return arr
+
+
+def _read_once(url: str, opts: ReadOptions) -> list[np.ndarray]:
+    raw = wds.gopen(url, "rb")
+    stream = _TimedStream(raw, url, opts.timeout)
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".npy"):
-                    continue
-                fobj = tar.extractfile(member)
-                assert fobj is not None
-                data = fobj.read()
-                if len(data) != member.size:
-                    raise EOFError(f"member {member.name} is truncated")
-                arr = np.load(io.BytesIO(data), allow_pickle=False)
-                if arr.ndim != 1:
-                    raise ValueError(f"member {member.name} is not a 1-D token array")
-                docs += 1
-                tokens += arr.size
-                yield arr
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: shard file is missing; {_REBUILD}") from None
-    except (tarfile.TarError, EOFError, ValueError, OSError) as e:
-        raise DatasetError(f"{path}: corrupt shard ({e}); {_REBUILD}") from None
-    if docs != shard.documents or tokens != shard.tokens:
+        docs = []
+        try:
+            for member in tar_file_iterator(io.BufferedReader(stream, 1 << 20)):
+                if member["fname"].endswith(".npy"):
+                    docs.append(_decode(url, member["fname"], member["data"], opts))
+        except (tarfile.TarError, EOFError):
+            proc = getattr(raw, "proc", None)  # a failed download or command ends its stream early
+            if proc is not None and proc.wait(timeout=opts.timeout) not in (0, 141):
+                raise OSError(f"{proc.args if isinstance(proc.args, str) else proc.args[0]} exited with status "
+                              f"{proc.returncode}") from None
+            raise
+        return docs
+    finally:
+        stream.close()
+
+
+def _strip(e: BaseException) -> str:
+    """The message without the `` @ <stream>`` webdataset's tar iterator appends."""
+    return str(e.args[0] if e.args else e).split(" @ <")[0]
+
+
+def read_shard(url: str, shard: ShardInfo | None, opts: ReadOptions = ReadOptions()) -> list[np.ndarray]:
+    """All documents of one shard, in order; a DatasetError naming ``url`` if it cannot be read.
+
+    URLs (pipe:, http...) are retried ``opts.retries`` times with exponential backoff; a local
+    file is not (a missing or truncated file does not heal). A shard whose documents or tokens
+    differ from the manifest (a truncated file can end cleanly on a member boundary) is an error.
+    """
+    attempts = 1 + (opts.retries if is_url(url) else 0)
+    for attempt in range(attempts):
+        try:
+            docs = _read_once(url, opts)
+            break
+        except DatasetError as e:
+            raise DatasetError(_strip(e)) from None
+        except FileNotFoundError:
+            raise DatasetError(f"{url}: shard file is missing; {_REBUILD}") from None
+        except TimeoutError as e:
+            raise DatasetError(f"{url}: read stalled: {e}; raise data.timeout if the store is slow") from None
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            raise DatasetError(f"{url}: corrupt shard ({_strip(e)}); {_REBUILD}") from None
+        except OSError as e:
+            if attempt + 1 == attempts:
+                what = f"unreachable after {attempts} attempts" if attempts > 1 else "unreadable"
+                raise DatasetError(f"{url}: {what} ({_strip(e)}); check the URL and the network, "
+                                   f"or set data.on_bad_shard=skip to go on without it") from None
+            time.sleep(opts.backoff * 2**attempt)
+    if shard is not None and shard.documents and (len(docs), sum(d.size for d in docs)) != (shard.documents, shard.tokens):
         raise DatasetError(
-            f"{path}: corrupt shard (read {docs} documents / {tokens} tokens, manifest says "
+            f"{url}: corrupt shard (read {len(docs)} documents / {sum(d.size for d in docs)} tokens, manifest says "
             f"{shard.documents} / {shard.tokens}; truncated?); {_REBUILD}"
         )
+    return docs

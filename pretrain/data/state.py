@@ -1,21 +1,24 @@
 """The loader's resume state: per-rank states, their merge into a layout-free global state, and back.
 
-What is recorded is, per source and epoch, how many tokens of each shard (by index in the
-manifest) have been consumed as inputs. That is independent of the DP layout: any set of ranks can
+What is recorded is, per source and epoch, which documents of each shard (by index in the
+manifest) have been consumed as inputs, and how many tokens of a partly consumed document. That is independent of the DP layout: any set of ranks can
 resume from it, each reading the unconsumed remainder of the shards it is assigned. A rank's
 state covers its current epoch and any later epoch it already knows about; older epochs are
 finished and dropped. In a merged state, ``-1`` marks a shard that a rank ahead of the others
-finished (merge_states cannot know its length; loading resolves it from the manifest).
+finished.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
-from pretrain.data.packing import Consumed, Source
+import numpy as np
+
+from pretrain.data.packing import Consumed, ShardProgress, Source
 from pretrain.data.sampling import rank_shards
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1 recorded a consumed prefix per shard, before documents were shuffled
 FULL = -1
 
 
@@ -23,14 +26,33 @@ class StateError(ValueError):
     """A loader state that does not fit this loader; the message says what differs and what to do."""
 
 
+def _encode_progress(p: ShardProgress) -> int | dict[str, Any]:
+    if p.full:
+        return FULL
+    bits = np.zeros(max(p.done) + 1 if p.done else 0, dtype=bool)
+    bits[sorted(p.done)] = True
+    return {"done": base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode(),
+            "partial": {str(d): n for d, n in sorted(p.partial.items())}}
+
+
+def _decode_progress(entry: int | dict[str, Any]) -> ShardProgress:
+    if entry == FULL:
+        return ShardProgress(full=True)
+    if not isinstance(entry, dict):
+        raise StateError(f"malformed shard entry {entry!r} in the loader state")
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(entry["done"]), dtype=np.uint8), bitorder="little")
+    return ShardProgress(set(np.flatnonzero(bits).tolist()), {int(d): int(n) for d, n in entry["partial"].items()})
+
+
 def source_state(source: Source, epoch: int, consumed: Consumed) -> dict[str, Any]:
-    """JSON-ready state of one source on one rank."""
+    """JSON-ready state of one source on one rank: a bitmap of finished documents per partly read shard."""
     return {
         "name": source.name,
         "fingerprint": source.fingerprint,
         "num_shards": len(source.shards),
         "epoch": epoch,
-        "consumed": {str(e): {str(i): n for i, n in sorted(d.items())} for e, d in sorted(consumed.items()) if d},
+        "consumed": {str(e): {str(i): _encode_progress(p) for i, p in sorted(d.items())}
+                     for e, d in sorted(consumed.items()) if d},
     }
 
 
@@ -84,6 +106,10 @@ def localize_state(
     """This rank's share of a global state: per source (start epoch, consumed), and the mixture draw count."""
     if state.get("kind") == "rank":
         state = merge_rank_states([state])  # only valid when it was a single-rank run
+    if state.get("version") == 1:
+        raise StateError("the checkpoint's data position was saved before documents were shuffled (loader state "
+                         "version 1) and cannot be continued; start over with checkpoint.resume=false, or "
+                         "keep its weights with checkpoint.init_from=<that checkpoint>")
     if state.get("version") != STATE_VERSION or state.get("kind") != "global":
         raise StateError(f"unknown loader state (version {state.get('version')!r}); pass TokenLoader.merge_states(...) output")
     if state["seed"] != seed:
@@ -103,16 +129,12 @@ def localize_state(
         for epoch_key, entries in saved["consumed"].items():
             epoch = int(epoch_key)
             mine = set(rank_shards(len(source.shards), seed, epoch, dp_rank, dp_size))
-            for index_key, n in entries.items():
+            for index_key, entry in entries.items():
                 index = int(index_key)
-                if index not in mine:
-                    continue
-                length = source.shards[index].tokens
-                n = length if n == FULL else int(n)
-                if not 0 <= n <= length:
-                    raise StateError(f"state says {n} tokens of {source.shards[index].file} were consumed, but it has {length}")
-                if n:
-                    consumed.setdefault(epoch, {})[index] = n
+                if index >= len(source.shards):
+                    raise StateError(f"state names shard {index} but {source.name} has {len(source.shards)} shards")
+                if index in mine:
+                    consumed.setdefault(epoch, {})[index] = _decode_progress(entry)
         result.append((int(saved["epoch"]), consumed))
     mixture = state.get("mixture", {})
     draws = mixture["draws"][dp_rank] if mixture.get("dp_size") == dp_size else 0

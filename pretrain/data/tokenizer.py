@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from pretrain.data.manifest import MANIFEST_NAME, DatasetError, read_manifest
+from pretrain.data.manifest import MANIFEST_NAME, DatasetError, is_url, join_location, read_manifest
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -63,6 +63,8 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a dataset directory, a directory with tokenizer.json, or the file itself."""
+    if is_url(path):
+        return _load_remote(str(path))
     p = Path(path)
     if p.is_dir():
         if (p / MANIFEST_NAME).is_file():
@@ -78,6 +80,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises plain Exception on a bad file
         raise DatasetError(f"{p}: not a valid tokenizers JSON file ({e}); re-create it with tools/train_tokenizer.py") from None
+
+
+def _load_remote(location: str) -> Tokenizer:
+    """The tokenizer of a dataset at a URL (manifest.json and tokenizer.json fetched through webdataset)."""
+    import webdataset as wds
+
+    info = read_manifest(location).tokenizer
+    if info is None:
+        raise DatasetError(f"{location}: dataset records no tokenizer; pass the tokenizer explicitly")
+    url = join_location(location, info.file)
+    try:
+        with wds.gopen(url, "rb") as f:
+            return Tokenizer.from_str(f.read().decode())
+    except Exception as e:  # an OSError from the transport or tokenizers' plain Exception
+        raise DatasetError(f"{url}: tokenizer cannot be read ({e}); check the dataset location") from None
 
 
 def save_hf_tokenizer(dataset_dir: str | Path, out_dir: str | Path) -> Path:

@@ -3,7 +3,8 @@
 Activations are [seq, batch, hidden] (megatron's layout, so sequence parallelism splits dim 0).
 Every linear layer comes from pretrain.parallel.layers: how the model is split over ranks is a
 property of those layers, and this file reads the same for every layout. Module names follow
-Hugging Face's Llama so checkpoints convert by renaming alone.
+Hugging Face's Llama so checkpoints convert by renaming alone; the fused projections (qkv_proj,
+gate_up_proj) are stored in checkpoints as their Hugging Face parts (pretrain.parallel.sharding).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.model.attention import ATTENTION
+from pretrain.model.attention import AttentionKernel, Documents, attention_kernel
 from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, VocabEmbedding,
                                       megatron_config, sum_replicated_grads_over_tp,
                                       vocab_parallel_loss)
@@ -41,31 +42,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, backend: str, recompute_core: bool) -> None:
+    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, kernel: AttentionKernel,
+                 recompute_core: bool) -> None:
         super().__init__()
         tp = mp.tensor_model_parallel_size
         self.head_dim = cfg.head_dim
         self.local_heads, self.local_kv_heads = cfg.num_heads // tp, cfg.kv_heads // tp
         self.gather = SequenceGather(sequence_parallel, mp)
-        self.q_proj = ColumnLinear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, mp, sequence_parallel)
-        self.k_proj = ColumnLinear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, mp, sequence_parallel)
-        self.v_proj = ColumnLinear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, mp, sequence_parallel)
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.fused = cfg.fused_qkv
+        if self.fused:  # one matmul for q, k and v; checkpoints still hold q_proj, k_proj, v_proj
+            self.qkv_proj = ColumnLinear(cfg.hidden_size, 0, mp, sequence_parallel,
+                                         parts=(("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)))
+        else:
+            self.q_proj = ColumnLinear(cfg.hidden_size, q_out, mp, sequence_parallel)
+            self.k_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel)
+            self.v_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel)
         self.o_proj = RowLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, mp, sequence_parallel)
-        self.attention = ATTENTION[backend]
+        self.attention = kernel
         self.recompute_core = recompute_core
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents) -> torch.Tensor:
         x = self.gather(x)
         s, b, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(s, b, self.local_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(s, b, self.local_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(s, b, self.local_kv_heads, self.head_dim)
+        if self.fused:
+            q_local, kv_local = self.local_heads * self.head_dim, self.local_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_local, kv_local, kv_local], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(s, b, self.local_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(s, b, self.local_kv_heads, self.head_dim), cos, sin)
+        v = v.view(s, b, self.local_kv_heads, self.head_dim)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # kernels take [b, s, heads, d]
         if self.recompute_core:  # selective recompute: keep projections, recompute scores/softmax
-            out = checkpoint(self.attention, q, k, v, position_ids, use_reentrant=False)
+            out = checkpoint(self.attention, q, k, v, docs, use_reentrant=False)
         else:
-            out = self.attention(q, k, v, position_ids)
+            out = self.attention(q, k, v, docs)
         return self.o_proj(out.transpose(0, 1).reshape(s, b, -1))
 
 
@@ -77,14 +89,22 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, recompute_activation: bool) -> None:
         super().__init__()
         self.gather = SequenceGather(sequence_parallel, mp)
-        self.gate_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
-        self.up_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
+        self.fused = cfg.fused_mlp
+        if self.fused:  # one matmul for gate and up; checkpoints still hold gate_proj and up_proj
+            self.gate_up_proj = ColumnLinear(cfg.hidden_size, 0, mp, sequence_parallel,
+                                             parts=(("gate_proj", cfg.ffn_size), ("up_proj", cfg.ffn_size)))
+        else:
+            self.gate_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
+            self.up_proj = ColumnLinear(cfg.hidden_size, cfg.ffn_size, mp, sequence_parallel)
         self.down_proj = RowLinear(cfg.ffn_size, cfg.hidden_size, mp, sequence_parallel)
         self.recompute_activation = recompute_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.gather(x)
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if self.recompute_activation:
             hidden = checkpoint(swiglu, gate, up, use_reentrant=False)
         else:
@@ -93,28 +113,34 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, kernel: AttentionKernel) -> None:
         super().__init__()
         selective = cfg.activation_checkpointing == "selective"
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.self_attn = Attention(cfg, mp, sequence_parallel, backend, recompute_core=selective)
+        self.self_attn = Attention(cfg, mp, sequence_parallel, kernel, recompute_core=selective)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, mp, sequence_parallel, recompute_activation=selective)
 
-    def forward(self, x, cos, sin, position_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, attention: str = "sdpa",
-                 on_cuda: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, attention: str | AttentionKernel = "sdpa",
+                 on_cuda: bool = False, compile_blocks: bool = False) -> None:
+        """attention: a resolved backend name (pretrain.model.attention.resolve_backend) or a kernel;
+        compile_blocks: torch.compile each block (the model itself stays an nn.Module)."""
         super().__init__()
         self.cfg = cfg
         mp = megatron_config(on_cuda)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mp, sequence_parallel)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(Block(cfg, mp, sequence_parallel, attention) for _ in range(cfg.num_layers))
+        self.kernel = attention_kernel(attention) if isinstance(attention, str) else attention
+        self.layers = nn.ModuleList(Block(cfg, mp, sequence_parallel, self.kernel) for _ in range(cfg.num_layers))
+        if compile_blocks:
+            for block in self.layers:
+                block.compile()  # compiles forward in place; parameter names do not change
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.gather = SequenceGather(sequence_parallel, mp)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, mp, sequence_parallel,
@@ -126,15 +152,18 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s] -> mean loss against labels, or vocab-sharded logits [b, s, v/tp]."""
+        device = input_ids.device
+        # Document boundaries once per batch, for every layer (from the host copy if it is one).
+        docs = self.kernel.documents(position_ids, device)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos, sin = self.rotary(position_ids)
+            position_ids = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+        cos, sin = self.rotary(position_ids.to(device, non_blocking=True))
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.recompute_blocks:
-                x = checkpoint(layer, x, cos, sin, position_ids, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, position_ids)
+                x = layer(x, cos, sin, docs)
         x = self.gather(self.norm(x))
         weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
         logits = self.lm_head(x, weight=weight)  # [s, b, v/tp]

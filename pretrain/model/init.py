@@ -1,6 +1,6 @@
 """Weight initialisation that depends only on (seed, parameter name), never on the layout.
 
-Each parameter's full tensor is drawn from its own generator and this rank keeps its TP shard,
+Each parameter's full tensor (each part of a fused one) is drawn from its own generator and this rank keeps its TP shard,
 so TP=1 and TP=4 runs with the same seed start from the same model.
 """
 
@@ -12,7 +12,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from pretrain.parallel.sharding import full_shape, shard
+from pretrain.parallel.sharding import full_shape, logical_shapes, merge_full, shard
 
 
 def _std(name: str, init_std: float, num_layers: int) -> float:
@@ -29,10 +29,12 @@ def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) 
         if "norm" in name:
             param.fill_(1.0)
             continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(full_shape(param), dtype=torch.float32)
-        full.normal_(0.0, _std(name, init_std, num_layers), generator=generator)
-        param.copy_(shard(full, param))
+        parts = []
+        for part_name, shape in logical_shapes(name, param):  # fused q/k/v: each part as if unfused
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part_name.encode()))
+            parts.append(torch.empty(shape, dtype=torch.float32).normal_(
+                0.0, _std(part_name, init_std, num_layers), generator=generator))
+        param.copy_(shard(merge_full(param, parts), param))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,7 +2,9 @@
 
 The DeepSpeed config is generated from ours, so there is no JSON for users to keep in sync.
 The optimizer is torch's AdamW handed to DeepSpeed (its fused/CPU Adam need compiled ops that
-CPU-only machines lack); the learning rate is set by pretrain.train each step.
+CPU-only machines lack); the learning rate is set by pretrain.train each step. torch's fused
+implementation is used (CPU and CUDA): it reads a `found_inf` tensor, through which the loss
+guard (pretrain/guard.py) skips a step on the device.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, foreach=False)
+                                  eps=o.eps, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
     return engine
@@ -72,8 +74,12 @@ def deepspeed_reports_grad_norm(engine) -> bool:
 
 
 def grad_norm(engine) -> float:
+    return float(grad_norm_tensor(engine))
+
+
+def grad_norm_tensor(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
-    counting TP-replicated parameters once, as DeepSpeed does."""
+    counting TP-replicated parameters once, as DeepSpeed does; on the device, no sync."""
     from megatron.core import parallel_state
 
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
@@ -82,4 +88,4 @@ def grad_norm(engine) -> float:
     local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)
     total = local.float().pow(2)
     torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return float(total.sqrt())
+    return total.sqrt()

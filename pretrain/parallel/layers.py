@@ -20,6 +20,7 @@ from pretrain.parallel.sequence import (
     reduce_scatter_to_sequence_parallel,
     scatter_to_sequence_parallel,
 )
+from pretrain.parallel.sharding import mark_fused
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -66,13 +67,20 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
     """Output features split over the TP group; input replicated (gathered by SequenceGather under SP)."""
 
     def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig,
-                 sequence_parallel: bool = False, skip_weight: bool = False) -> None:
+                 sequence_parallel: bool = False, skip_weight: bool = False,
+                 parts: tuple[tuple[str, int], ...] | None = None) -> None:
+        """parts: the weights this one stacks, ((name, out features), ...); each is split over TP
+        ranks on its own, so a rank's output is its slice of each part, in order."""
+        if parts is not None:
+            out_features = sum(rows for _, rows in parts)
         # Under sequence parallelism SequenceGather's backward already reduce-scatters the input
         # gradient, so megatron's all-reduce of it must be off.
         super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
                          gather_output=False, skip_weight_param_allocation=skip_weight,
                          disable_grad_reduce=sequence_parallel and config.tensor_model_parallel_size > 1)
         _mark_sharded(self.weight, 0)
+        if parts is not None:
+            mark_fused(self.weight, parts)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x, weight=weight)[0]
@@ -113,6 +121,8 @@ class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
 
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss from vocab-sharded logits [s, b, v/tp]; full logits are never gathered."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:  # whole vocabulary here: torch's fused kernel
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.contiguous())
     return per_token.mean()
 

@@ -1,10 +1,18 @@
-"""Full (TP=1) tensors <-> this rank's tensor-parallel shard.
+"""Full (TP=1) tensors <-> this rank's tensor-parallel shard, and fused weights <-> their parts.
 
 Initialisation and checkpoints both work on full tensors, so the same seed and the same checkpoint
 give the same model whatever the TP size.
+
+A fused column-parallel weight (q, k and v in one matrix, or gate and up) is split over TP ranks
+part by part: each rank holds [q_r; k_r; v_r], its own heads of each part, so one matmul yields
+this rank's q, k and v. Its full tensor is the parts' full tensors stacked ([q; k; v]), whatever
+the TP size, and checkpoints store each part under its own name (`q_proj.weight`, ...): a fused
+and an unfused model read and write the same checkpoint.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,6 +24,15 @@ def partition_dim(param: torch.Tensor) -> int | None:
     if getattr(param, "tensor_model_parallel", False):
         return int(param.partition_dim)
     return None
+
+
+def mark_fused(param: torch.Tensor, parts: tuple[tuple[str, int], ...]) -> None:
+    """Record that `param` stacks several column-parallel weights: ((module name, full rows), ...)."""
+    param.fused_parts = tuple(parts)
+
+
+def fused_parts(param: torch.Tensor) -> tuple[tuple[str, int], ...] | None:
+    return getattr(param, "fused_parts", None)
 
 
 def full_shape(param: torch.Tensor, local_shape: torch.Size | None = None) -> torch.Size:
@@ -34,7 +51,12 @@ def shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if dim is None:
         return full
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    return full.chunk(tp, dim=dim)[parallel_state.get_tensor_model_parallel_rank()]
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    parts = fused_parts(param)
+    if parts is None:
+        return full.chunk(tp, dim=dim)[rank]
+    pieces = full.split([rows for _, rows in parts], dim=dim)
+    return torch.cat([piece.chunk(tp, dim=dim)[rank] for piece in pieces], dim=dim)
 
 
 def gather(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -43,6 +65,47 @@ def gather(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if dim is None or tp == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=dim)
+    ranks = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(ranks, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    parts = fused_parts(param)
+    if parts is None:
+        return torch.cat(ranks, dim=dim)
+    local_rows = [rows // tp for _, rows in parts]
+    per_rank = [r.split(local_rows, dim=dim) for r in ranks]
+    return torch.cat([torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(len(parts))], dim=dim)
+
+
+def logical_names(name: str, param: torch.Tensor) -> list[str]:
+    """The checkpoint names a parameter is stored under: its own, or one per fused part."""
+    parts = fused_parts(param)
+    if parts is None:
+        return [name]
+    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+    return [f"{module}.{part}.{leaf}" for part, _ in parts]
+
+
+def split_full(name: str, param: torch.Tensor, full: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, full tensor) for each part of a full parameter (itself when not fused)."""
+    parts = fused_parts(param)
+    if parts is None:
+        yield name, full
+        return
+    dim = partition_dim(param) or 0
+    yield from zip(logical_names(name, param), full.split([rows for _, rows in parts], dim=dim))
+
+
+def logical_shapes(name: str, param: torch.Tensor) -> list[tuple[str, torch.Size]]:
+    shape = full_shape(param)
+    parts = fused_parts(param)
+    if parts is None:
+        return [(name, shape)]
+    dim = partition_dim(param) or 0
+    return [(n, torch.Size([*shape[:dim], rows, *shape[dim + 1:]]))
+            for n, (_, rows) in zip(logical_names(name, param), parts)]
+
+
+def merge_full(param: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The full parameter from its parts' full tensors (the inverse of split_full)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=partition_dim(param) or 0)

@@ -1,0 +1,58 @@
+"""Resume agreement: every rank resumes from the same checkpoint, or none does.
+
+Ranks can see a shared filesystem differently (caches, a file half-written by a dying job). If each
+chose on its own, some would enter the collective load and others not, and the job would hang.
+So rank 0 alone chooses (`latest`, or the newest older checkpoint that verifies, with one warning
+line naming both) and broadcasts its choice or its error; every rank then acts on that one answer.
+The load itself checks everything on every rank and agrees on errors before any weight changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from pretrain.checkpoint.format import CheckpointError, newest_verified
+
+
+def agree_on_checkpoint(root: Path) -> Path | None:
+    """The checkpoint under root all ranks resume from (None: start fresh). Collective.
+
+    Raises the same CheckpointError on every rank when rank 0 finds checkpoints but none usable.
+    """
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            ckpt, warnings = newest_verified(root)
+            answer[0] = {"ckpt": str(ckpt) if ckpt else None, "warnings": warnings, "error": None}
+        except CheckpointError as err:
+            answer[0] = {"ckpt": None, "warnings": [], "error": str(err)}
+        for line in answer[0]["warnings"]:
+            print(line, flush=True)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0]["error"]:
+        raise CheckpointError(answer[0]["error"])
+    return Path(answer[0]["ckpt"]) if answer[0]["ckpt"] else None
+
+
+def trim_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop metrics.jsonl records after `step` (and a line cut off by a crash), so that after a
+    restart or a rollback each step appears once, as the run that went on saw it. Rank 0 only."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
