@@ -40,6 +40,14 @@ class ModelConfig:
     max_seq_len: int = 4096
     """Longest sequence the RoPE tables are built for."""
     rope_theta: float = 10000.0
+    rope_scaling: Optional[str] = None
+    """None (plain RoPE) | llama3: Llama 3.1+ frequency scaling for long context, shaped by the rope_* keys below."""
+    rope_factor: float = 8.0
+    """llama3: long wavelengths are divided by this."""
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    """llama3: the context length the unscaled model was trained with."""
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     """Share the input embedding with the output projection."""
@@ -431,6 +439,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(len(steps) == 2 and 1 <= steps[0] <= steps[1], "profile.steps",
                f"got {list(steps)}; give [first, last] optimizer steps, 1 <= first <= last (e.g. [5,6])")
     _check(cfg.eval.downstream_interval >= 0, "eval.downstream_interval", "must be >= 0")
+    _check(m.rope_scaling in (None, "llama3"), "model.rope_scaling",
+           f"got {m.rope_scaling!r}; allowed values: null, llama3")
+    if m.rope_scaling == "llama3":
+        _check(m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "model.rope_factor",
+               "llama3 scaling needs rope_factor >= 1 and 0 < rope_low_freq_factor < rope_high_freq_factor")
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")

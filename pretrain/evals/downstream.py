@@ -59,7 +59,7 @@ class DownstreamEval:
             from pretrain.data import load_tokenizer
             from pretrain.evals.lm import PretrainLM
 
-            self._lm = PretrainLM(model, load_tokenizer(data_dir), max_length=cfg.train.seq_len, device=device,
+            self._lm = PretrainLM(model, load_tokenizer(data_dir), max_length=cfg.model.max_seq_len, device=device,
                                   batch_size=cfg.eval.batch_size)
 
     def maybe_run(self, step: int, last: bool) -> Optional[dict[str, float]]:
