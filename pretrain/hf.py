@@ -133,9 +133,12 @@ def _export(ckpt: Path, tmp: Path, tokenizer: str | Path | None, dtype: str, wit
 
 def _hf_rope(config: dict[str, Any], where: Path) -> dict[str, Any]:
     """rope_theta and our rope_* keys from config.json (rope_parameters in transformers 5, rope_scaling before)."""
-    params = dict(config.get("rope_scaling") or {}, **(config.get("rope_parameters") or {}))
+    scaled = [d for d in (config.get("rope_parameters") or {}, config.get("rope_scaling") or {})
+              if d.get("rope_type", d.get("type")) not in (None, "default")]
+    params = scaled[0] if scaled else (config.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type"))
-    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0)))}
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", params.get("rope_theta"))
+    out: dict[str, Any] = {"rope_theta": float(theta if theta is not None else config.get("rope_theta", 10000.0))}
     if kind in (None, "default"):
         return out
     if kind != "llama3":
