@@ -48,13 +48,21 @@ def rdzv_port(cfg: Config, job_id: str) -> int:
     return PORT_BASE + int(job_id) % PORT_RANGE
 
 
+def job_run_name() -> str:
+    """<job name>-<job id>: unique per job (two jobs named "pretrain" never share checkpoints) and
+    stable across the job's requeues, which keep their id. An array task is <name>-<array id>_<task>."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.environ.get("SLURM_JOB_NAME", "pretrain")) or "pretrain"
+    array_id, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_id}_{task}" if array_id and task else os.environ["SLURM_JOB_ID"]
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_]', '_', job)}"
+
+
 def job_overrides(overrides: list[str]) -> list[str]:
-    """Inside a job with no run.name/run.dir given, name the run after the job, so a requeued or
-    resubmitted job of the same name finds its checkpoints in the same run.dir and resumes."""
+    """Inside a job with no run.name/run.dir given, name the run <job name>-<job id>, so a requeued
+    job finds its checkpoints in the same run.dir and resumes, and another job never does."""
     if not in_allocation() or any(o.split("=", 1)[0].lstrip("+~") in ("run.name", "run.dir") for o in overrides):
         return overrides
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.environ.get("SLURM_JOB_NAME", "pretrain")) or "pretrain"
-    return [*overrides, f"run.name={name}"]
+    return [*overrides, f"run.name={job_run_name()}"]
 
 
 def srun_command(cfg: Config, plan: Plan, overrides: list[str]) -> list[str]:

@@ -57,8 +57,8 @@ class ModelConfig:
     CUDA flex (FlexAttention for batches with document boundaries, SDPA's flash/cuDNN kernel for whole
     documents); on CPU sdpa. flex trains only on CUDA (pretrain/model/attention.py)."""
     compile: Optional[bool] = None
-    """torch.compile each transformer block. None = on for CUDA, off on CPU (where compiling costs
-    minutes and a C compiler for a small gain)."""
+    """torch.compile each transformer block. None = on for CUDA (except ZeRO-3, whose hooks gather
+    parameters inside each block), off on CPU (where compiling costs minutes and a C compiler)."""
     fused_qkv: bool = True
     """One matmul for q, k and v (qkv_proj) instead of three; checkpoints are the same either way."""
     fused_mlp: bool = True
@@ -89,6 +89,22 @@ class ParallelConfig:
     """Shard norms and activations along the sequence inside each tensor-parallel group."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3, sharding over the data-parallel group only."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO 1-3: reduce gradients during the backward on a side stream. null = on with CUDA, off on CPU."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1-3: elements per gradient reduce(-scatter) bucket (bigger = fewer, larger messages, more memory)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1-2: elements per parameter all-gather bucket after the step; ZeRO-3: prefetch bucket."""
+    contiguous_gradients: bool = True
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+
+
+@dataclass
+class SourceConfig:
+    path: str = "???"
+    """A dataset directory or URL (as data.path)."""
+    weight: float = 1.0
+    """Share of the training tokens drawn from this source (weights are normalised)."""
 
 
 @dataclass
@@ -103,9 +119,17 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A training mixture, e.g. [{path: a, weight: 0.7}, {path: b, weight: 0.3}]; when set it replaces
+    data.path for training (evaluation reads the first source's val split)."""
     shuffle_shards: int = 8
     """Each reader mixes the documents of this many shards in a seeded random order (it holds them
     in memory: 8 shards of 2^24 uint16 tokens are 256 MB); 0 reads every shard in file order."""
+    num_workers: int = 0
+    """0: batches are prepared in the training process; N >= 1: in a background process per rank that
+    reads N shards at a time (downloads and decoding overlap training)."""
+    prefetch: int = 4
+    """Batches the background process prepares ahead (with num_workers >= 1); pinned on CUDA."""
     timeout: float = 300.0
     """Seconds a shard read may go without receiving a byte before it fails (instead of hanging)."""
     retries: int = 3
@@ -167,7 +191,10 @@ class TrainConfig:
     """If set, grad_accum_steps is derived: global_batch_tokens / (micro_batch_size * seq_len * dp)."""
     seed: int = 1234
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16. fp32 on CUDA uses TF32 matmuls."""
+    grad_reduce_dtype: str = "fp32"
+    """fp32 | bf16: with bf16, the dtype gradients are accumulated over micro-batches (ZeRO 1-3; DeepSpeed
+    accumulates in bf16 at ZeRO-0) and all-reduced / reduce-scattered over data-parallel ranks in."""
     device: str = "auto"
     """auto | cpu | cuda."""
     eval_interval: int = 50
@@ -320,6 +347,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
@@ -369,7 +397,8 @@ _NUMERIC: dict[str, _Rule] = {
     "model.rope_theta": _Rule(0, low_open=True), "model.norm_eps": _Rule(0, low_open=True),
     "model.init_std": _Rule(0, low_open=True),
     "parallel.tp": _positive(),
-    "data.embedded_vocab_size": _at_least(258),
+    "data.embedded_vocab_size": _at_least(258), "data.shuffle_shards": _at_least(0),
+    "data.timeout": _Rule(0, low_open=True, integer=False), "data.retries": _at_least(0),
     "optim.lr": _Rule(0, low_open=True), "optim.min_lr_ratio": _Rule(0, 1), "optim.warmup_steps": _at_least(0),
     "optim.weight_decay": _at_least(0, integer=False), "optim.beta1": _Rule(0, 1, high_open=True),
     "optim.beta2": _Rule(0, 1, high_open=True), "optim.eps": _Rule(0, low_open=True),
@@ -385,6 +414,7 @@ _NUMERIC: dict[str, _Rule] = {
     "checkpoint.interval": _at_least(0), "checkpoint.keep_last": _at_least(0),
     "launcher.nnodes": _positive(), "launcher.max_restarts": _at_least(0), "launcher.rdzv_timeout": _positive(),
     "launcher.rdzv_port": _Rule(1, 65535, integer=True, optional=True), "launcher.shutdown_timeout": _at_least(0),
+    "launcher.threads_per_process": _at_least(0),
     "faults.hang_step": _at_least(0), "faults.hang_seconds": _at_least(0, integer=False),
     "faults.kill_step": _at_least(0), "faults.rank": _at_least(0),
 }
@@ -447,16 +477,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")
+    _check(all(src.weight > 0 for src in cfg.data.sources), "data.sources", "every weight must be > 0")
     _check(cfg.launcher.threads_per_process >= 0, "launcher.threads_per_process",
            f"got {cfg.launcher.threads_per_process}; use 0 (automatic) or a positive number of threads")
     _check(cfg.data.on_bad_shard in ("error", "skip"), "data.on_bad_shard",
            f"got {cfg.data.on_bad_shard!r}; allowed values: error, skip")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.data.prefetch >= 1, "data.prefetch", f"must be >= 1, got {cfg.data.prefetch}")
     _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
     _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
     _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
     if cfg.data.name != "embedded":
-        _check(bool(cfg.data.path), "data.path", f"data.name={cfg.data.name} needs data.path "
-               "(a directory written by tools/prepare_data.py)")
+        _check(bool(cfg.data.path or cfg.data.sources), "data.path", f"data.name={cfg.data.name} needs data.path "
+               "or data.sources (directories written by tools/prepare_data.py)")
     if cfg.logging.wandb == "online":
         _check(bool(cfg.logging.project), "logging.project", "wandb=online needs a project name")
     if world_size is not None:

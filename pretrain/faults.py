@@ -41,20 +41,31 @@ class NoFaults:
 
 
 class ConfiguredFaults:
-    """The faults the `faults.*` config keys ask for, on this rank."""
+    """The faults the `faults.*` config keys ask for, on this rank.
+
+    Each listed step is damaged once per process: after a rollback the run passes the same step
+    numbers again with other batches, as it would after a real bad batch.
+    """
 
     def __init__(self, cfg: FaultConfig, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
+        self._done: set[tuple[str, int]] = set()
+
+    def _once(self, kind: str, step: int, steps: list[int]) -> bool:
+        if step not in steps or (kind, step) in self._done:
+            return False
+        self._done.add((kind, step))
+        return True
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        if step in self.cfg.nan_steps:
+        if self._once("nan", step, self.cfg.nan_steps):
             return loss * float("nan")
-        if step in self.cfg.spike_steps:
+        if self._once("spike", step, self.cfg.spike_steps):
             return loss * 1000.0
         return loss
 
     def gradients(self, step: int, model: torch.nn.Module) -> None:
-        if step in self.cfg.nan_grad_steps:
+        if self._once("nan_grad", step, self.cfg.nan_grad_steps):
             for param in model.parameters():
                 if param.grad is not None:
                     param.grad.fill_(float("nan"))

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pretrain.checkpoint.format import read_manifest, resolve
 from pretrain.checkpoint.offline import checkpoint_tokenizer, iter_tensors, write_weights_only
-from pretrain.files import atomic_directory
+from pretrain.files import atomic_directory, confined
 
 HF_PREFIX = "model."
 SHARD_BYTES = 5 << 30  # Hugging Face's default max_shard_size
@@ -207,13 +207,21 @@ def _hf_weight_files(hf_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ConversionError(f"{index}: not a valid safetensors index ({err})") from None
-        return {name: hf_dir / fname for name, fname in weight_map.items()}
+            files = {name: (fname, confined(hf_dir, fname)) for name, fname in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ConversionError(f"{index}: not a valid safetensors index ({type(err).__name__}: {err})") from None
+        outside = [fname for fname, path in files.values() if path is None]
+        if outside:
+            raise ConversionError(f"{index}: names weight file {str(outside[0])[:80]!r} outside {hf_dir}; "
+                                  "the index is corrupt or crafted")
+        return {name: path for name, (_, path) in files.items()}
     single = hf_dir / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except SafetensorError as err:
+            raise ConversionError(f"{single}: not a valid safetensors file ({err})") from None
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise ConversionError(f"{hf_dir}: has only pickle (.bin/.pt) weights; re-save them with "
                               "model.save_pretrained(dir, safe_serialization=True) and convert that")
@@ -228,9 +236,18 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise ConversionError(f"{config_path}: missing; HF_DIR must be a Hugging Face model directory") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{config_path}: not valid JSON ({err})") from None
-    model = model_config_from_hf(config, config_path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object; HF_DIR must be a Hugging Face model directory")
+    try:
+        model = model_config_from_hf(config, config_path)
+    except ConversionError:
+        raise
+    except KeyError as err:
+        raise ConversionError(f"{config_path}: has no {err.args[0]!r}; not a complete Llama config") from None
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise ConversionError(f"{config_path}: a size has the wrong type or value ({err})") from None
     files = _hf_weight_files(hf_dir)
     biases = sorted(n for n in files if n.endswith(".bias"))
     if biases:

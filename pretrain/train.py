@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,21 +23,25 @@ from megatron.core import parallel_state
 import pretrain.parallel  # noqa: F401  (sets DeepSpeed's accelerator before it is imported)
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
-from pretrain.data import DatasetError, StateError, TokenLoader, prepare_embedded_corpus
+from pretrain.data import Batch, DatasetError, StateError, TokenLoader, prepare_embedded_corpus
 from pretrain.data.checks import check_dataset
 from pretrain.data.manifest import is_url
 from pretrain.data.shards import ReadOptions
+from pretrain.data.workers import make_loader
 from pretrain.faults import FaultHook, NoFaults
 from pretrain.faults import from_config as faults_from_config
 from pretrain.guard import DivergedError, StepGuard
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, console_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.parallel.engine import base_optimizer, build_engine, deepspeed_reports_grad_norm, grad_norm_tensor, set_lr
+from pretrain.parallel import zero3
+from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
+                                      deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.profiling import StepProfiler
 from pretrain.evals.downstream import DownstreamEval
 from pretrain.resume import agree_on_checkpoint, trim_metrics
+from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
 from pretrain.watchdog import HangWatchdog
 
@@ -68,19 +72,21 @@ class StopSignal:
 def dataset_dir(cfg: Config) -> Path | str:
     if cfg.data.name == "embedded":
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
-    return cfg.data.path if is_url(cfg.data.path) else Path(cfg.data.path)
+    path = cfg.data.path or cfg.data.sources[0].path
+    return path if is_url(path) else Path(path)
+
+
+def train_sources(cfg: Config, data_dir: Path | str) -> Any:
+    """The training data: the dataset, or the weighted mixture data.sources names."""
+    if not cfg.data.sources:
+        return data_dir
+    return [(s.path if is_url(s.path) else Path(s.path), s.weight) for s in cfg.data.sources]
 
 
 def data_options(cfg: Config) -> dict[str, Any]:
     """The TokenLoader arguments that come from the data config group."""
     return dict(shuffle_shards=cfg.data.shuffle_shards, on_bad_shard=cfg.data.on_bad_shard,
                 read_options=ReadOptions(timeout=cfg.data.timeout, retries=cfg.data.retries))
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
 
 
 def mean_over_dp(value: torch.Tensor) -> float:
@@ -104,13 +110,30 @@ def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims) -> float:
     return mean_over_dp(total / cfg.train.eval_batches)
 
 
+class BatchSource(Protocol):
+    """Where training batches come from: TokenLoader, or any resumable source of Batch objects
+    (tools/benchmark.py passes random tokens). One per DP rank."""
+
+    skipped_shards: int
+    """Shards skipped as unreadable so far (reported in the metrics)."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
 @dataclass
 class Trainer:
     cfg: Config
     dims: ParallelDims
     engine: Any
     data_dir: Path
-    loader: TokenLoader
+    loader: BatchSource
     precision: str
     guard: StepGuard
     faults: FaultHook = field(default_factory=NoFaults)
@@ -155,8 +178,10 @@ class Trainer:
         loss_sum, norm = torch.zeros((), device=device), None
         for micro in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
+            # position_ids stay where the loader made them: the model reads document boundaries from
+            # a host copy without waiting for the device.
             loss = self.faults.loss(step, engine(batch.input_ids.to(device), batch.labels.to(device),
-                                                 batch.position_ids.to(device)))
+                                                 batch.position_ids))
             engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro == 0:
@@ -166,6 +191,8 @@ class Trainer:
                 norm = None if reports_norm else grad_norm_tensor(engine)
                 bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
                 self.guard.gate(base_optimizer(engine), bad)
+                if norm is not None:  # this engine does not clip: clip with the norm just computed
+                    clip_grads(engine, self.cfg.optim.grad_clip, norm)
             engine.step()
         self.step += 1
         verdict = self.guard.read()
@@ -236,7 +263,8 @@ class Trainer:
                     " | ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in scores.items()))
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
-            if last or stopping or (interval and self.step % interval == 0):
+            periodic = interval and self.step % interval == 0 and not self.guard.last.streak  # not mid-streak
+            if (last and cfg.checkpoint.save_final) or stopping or periodic:
                 self.save()
                 watchdog.beat(f"checkpoint at step {self.step}")
             if stopping:
@@ -270,25 +298,40 @@ class Trainer:
                        f"{self.cfg.train.guard.max_rollbacks})")
 
 
-def build(cfg: Config, faults: FaultHook | None = None) -> Trainer:
-    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing)."""
+def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | None = None) -> Trainer:
+    """faults: a test's fault injection (default: what the faults.* keys say, normally nothing);
+    batches: replaces the dataset's TokenLoader (the dataset is still checked, for its vocabulary)."""
     device_kind = resolve_device(cfg.train.device)
     dims = init_distributed(cfg.parallel.tp, device_kind, timeout_minutes=cfg.train.collective_timeout / 60)
     torch.manual_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, dims.device)
+    configure_matmul_precision(precision, dims.device)
     data_dir = dataset_dir(cfg)
     vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
+    for source in cfg.data.sources:
+        vocab = max(vocab, check_dataset(source.path, ["train"], dims.dp))
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
-    model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                on_cuda=dims.device.type == "cuda").to(dims.device)
+    accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
+    # Default: compile on CUDA, except under ZeRO-3, whose parameter-gathering hooks fire inside each block.
+    compile_blocks = cfg.model.compile if cfg.model.compile is not None else (
+        dims.device.type == "cuda" and cfg.parallel.zero_stage < 3)
+    with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
+                                    dims.device):
+        model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
+                    on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks)
+    if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
+        model = model.to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
-    engine = build_engine(model, cfg, grad_accum_steps(cfg, dims.dp), precision)
+    engine = build_engine(model, cfg, accum, precision)
     checkpoint.materialize_optimizer_state(engine)
-    loader = TokenLoader(data_dir, "train", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
+    loader = batches if batches is not None else make_loader(
+        cfg.data.num_workers, cfg.data.prefetch, pin_memory=dims.device.type == "cuda",
+        dataset_dir=train_sources(cfg, data_dir), split="train", seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
+        seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums, **data_options(cfg))
     trainer = Trainer(cfg, dims, engine, data_dir, loader, precision, StepGuard(cfg.train.guard, dims.device),
                       faults or faults_from_config(cfg.faults, dims.rank))
     log(dims, f"model {cfg.model.name}: {count_parameters(model) / 1e6:.1f}M parameters | world {dims.world_size} = "
@@ -311,8 +354,6 @@ def resume(trainer: Trainer) -> None:
         trainer.step = manifest["step"]
         trainer.loader.load_state_dict(manifest["data"])
         trainer.guard.load_state_dict(manifest.get("guard"))
-        if dims.is_main:
-            trim_metrics(cfg.run.dir, trainer.step)
         saved = manifest["layout"]
         log(dims, f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
                   f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
@@ -328,6 +369,8 @@ def resume(trainer: Trainer) -> None:
                 trainer.loader.load_state_dict(manifest["data"])
             except StateError as err:
                 log(dims, f"reading the data from its start: the checkpoint's data position does not fit ({err})")
+    if dims.is_main:  # steps after the resumed one (all of them when starting over) are redone
+        trim_metrics(cfg.run.dir, trainer.step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,10 @@
 # Python: $PRETRAIN_PYTHON, else $VIRTUAL_ENV/bin/python (an activated venv, exported by sbatch),
 # else python3 on PATH. The package must be installed there (`pip install -e .`).
 # Output: <job name>-<job id>.out in the submission directory, appended to across requeues.
-# Run directory: run.dir as configured; with no run.name/run.dir override it is runs/<job name>,
-# so a requeued (or resubmitted) job of the same name resumes from its latest checkpoint.
+# Run directory: run.dir as configured; with no run.name/run.dir override it is
+# runs/<job name>-<job id>: a requeued job keeps its id and resumes from its latest checkpoint, and
+# another job never picks up this one's checkpoints. To continue a run in a new job, pass its
+# run.dir (or run.name) explicitly.
 #
 # Preemption: SLURM sends SIGUSR1 to this script 120 s before the time limit (--signal), or you
 # send it (`scancel --signal=USR1 --batch JOBID`). The script passes it to the training processes,

@@ -79,6 +79,7 @@ class SyntheticBatches:
                  accum: int = 1) -> None:
         self.vocab, self.seq_len, self.micro_batch, self.ranks, self.seed = vocab, seq_len, micro_batch, ranks, seed
         self.accum = accum  # a step's rows per rank are micro_batch * accum, yielded in accum pieces
+        self.skipped_shards = 0  # a pretrain.train.BatchSource: no shards, none skipped
 
     def _one(self, step: int, rank: int):
         # Arithmetic progressions mod vocab: random, but learnable, so losses fall within a few steps.

@@ -18,8 +18,8 @@ import torch
 from pretrain.model.attention import (Documents, FlexKernel, SDPAKernel, attention_kernel, document_ids,
                                       resolve_backend)
 
-# Rows of one packed batch: a row of one document, and rows cut into several (the last one also
-# starting mid-document, as a packed row continuing the previous row's document does).
+# Rows of one packed batch: rows of one document, rows cut into several (down to one token), and a
+# batch mixing both (single-document rows then take the masked path with the rest).
 ROWS = {"one-document": [[48], [48]], "several": [[10, 22, 16], [5, 15, 12, 16]],
         "mixed": [[48], [1, 30, 17]]}
 

@@ -158,12 +158,13 @@ def test_damaged_checkpoints_fail_clearly_and_change_nothing(run: Path, tmp_path
     assert "model.num_layers=2 (this run: 3)" in messages[0]
 
 
-def test_train_main_reports_a_corrupt_checkpoint_in_one_line_and_exits_2(run: Path, tmp_path: Path) -> None:
+def test_train_main_reports_corrupt_checkpoints_in_one_line_and_exits_2(run: Path, tmp_path: Path) -> None:
     import shutil
 
     shutil.copytree(run / "checkpoints", tmp_path / "checkpoints")
     ckpt = tmp_path / "checkpoints" / "step_00000004"
     _damage(ckpt, "corrupt-file")
+    _damage(tmp_path / "checkpoints" / "step_00000003", "corrupt-file")  # no older one to fall back to
     result = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, "parallel.zero_stage=0",
                              "train.max_steps=6", f"run.dir={tmp_path}"], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})

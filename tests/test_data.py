@@ -3,7 +3,9 @@ mixtures, corruption handling, the tools, and the embedded corpus."""
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -27,6 +29,7 @@ from pretrain.data import (
     write_manifest,
     write_token_shards,
 )
+from pretrain.data.packing import iter_pieces
 from pretrain.data.sampling import document_permutation, rank_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,9 +64,10 @@ def shard_tokens(dataset: Path, file: str) -> list[np.ndarray]:
     return docs
 
 
-def epoch_documents(loader: TokenLoader, epoch: int) -> list[np.ndarray]:
-    """The documents this rank should read in ``epoch``, in order: its shards in groups of
-    ``shuffle_shards``, each group's documents in the order document_permutation gives them."""
+def epoch_documents(loader: TokenLoader, epoch: int, lane: int = 0) -> list[np.ndarray]:
+    """The documents one lane (row of the micro-batch) of this rank should read in ``epoch``, in
+    order: its shards in groups of ``shuffle_shards``, each group's documents in the order
+    document_permutation gives them, dealt round-robin to the lanes."""
     shards = loader.assigned_shards(epoch)
     indices = rank_shards(len(loader.sources[0].shards), loader.seed, epoch, loader.dp_rank, loader.dp_size)
     size = max(1, loader.shuffle_shards)
@@ -72,13 +76,13 @@ def epoch_documents(loader: TokenLoader, epoch: int) -> list[np.ndarray]:
         group = [d for f in shards[g : g + size] for d in shard_tokens(loader.sources[0].dir, f)]
         if loader.shuffle_shards:
             group = [group[j] for j in document_permutation(len(group), loader.seed, epoch, *indices[g : g + size])]
-        docs += group
+        docs += group[lane :: loader.lanes]
     return docs
 
 
-def epoch_stream(loader: TokenLoader, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens and expected position ids this rank should read in ``epoch``, in order."""
-    docs = epoch_documents(loader, epoch)
+def epoch_stream(loader: TokenLoader, epoch: int, lane: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens and expected position ids one lane of this rank should read in ``epoch``, in order."""
+    docs = epoch_documents(loader, epoch, lane)
     return np.concatenate(docs).astype(np.int64), np.concatenate([np.arange(d.size) for d in docs])
 
 
@@ -156,35 +160,42 @@ def test_same_seed_same_batches_different_seed_different_order(dataset: Path):
 def test_packing_every_token_is_an_input_once_and_labels_shift_by_one(dataset: Path, shuffle_shards: int):
     seq_len, mbs = 50, 3
     loader = TokenLoader(dataset, "train", seq_len, mbs, 0, 1, seed=11, shuffle_shards=shuffle_shards)
-    stream, positions = epoch_stream(loader, 0)
-    n_batches = len(stream) // (seq_len * mbs) - 1  # stay inside epoch 0 (labels need one more)
+    lanes = [epoch_stream(loader, 0, lane) for lane in range(loader.lanes)]
+    assert loader.lanes == (mbs if shuffle_shards else 1)
+    rows = mbs // loader.lanes  # samples per batch from each lane
+    n_batches = min(len(stream) for stream, _ in lanes) // (seq_len * rows) - 1  # stay inside epoch 0
     batches = take(iter(loader), n_batches)
-    n = n_batches * mbs * seq_len
     assert all(b.input_ids.shape == (mbs, seq_len) and b.input_ids.dtype == torch.long for b in batches)
-    np.testing.assert_array_equal(inputs_of(batches), stream[:n])
-    np.testing.assert_array_equal(np.concatenate([b.labels.reshape(-1).numpy() for b in batches]), stream[1 : n + 1])
-    np.testing.assert_array_equal(np.concatenate([b.position_ids.reshape(-1).numpy() for b in batches]), positions[:n])
+    for lane, (stream, positions) in enumerate(lanes):  # row r of every batch continues lane r % lanes
+        pick = lambda field: np.concatenate([getattr(b, field)[lane :: loader.lanes].reshape(-1).numpy() for b in batches])
+        n = n_batches * rows * seq_len
+        np.testing.assert_array_equal(pick("input_ids"), stream[:n])
+        np.testing.assert_array_equal(pick("labels"), stream[1 : n + 1])
+        np.testing.assert_array_equal(pick("position_ids"), positions[:n])
 
 
 def test_position_ids_restart_after_eos(embedded: Path):
     eos = read_manifest(embedded).tokenizer.eos_id
-    batches = take(iter(TokenLoader(embedded, "train", 256, 4, 0, 2, seed=0)), 100)
-    inputs = inputs_of(batches)
-    pos = np.concatenate([b.position_ids.reshape(-1).numpy() for b in batches])
-    starts = np.flatnonzero(pos == 0)
-    assert len(starts) > 5
-    # position 0 exactly where the previous input was EOS; otherwise positions count up by one
-    np.testing.assert_array_equal(np.flatnonzero(inputs[:-1] == eos) + 1, starts[starts > 0])
-    step = np.diff(pos)
-    assert np.all((step == 1) | (pos[1:] == 0))
+    loader = TokenLoader(embedded, "train", 256, 4, 0, 2, seed=0)
+    batches = take(iter(loader), 100)
+    for lane in range(loader.lanes):  # row `lane` of consecutive batches is one continuous stream
+        inputs = np.concatenate([b.input_ids[lane].numpy() for b in batches])
+        pos = np.concatenate([b.position_ids[lane].numpy() for b in batches])
+        starts = np.flatnonzero(pos == 0)
+        assert len(starts) > 3
+        # position 0 exactly where the previous input was EOS; otherwise positions count up by one
+        np.testing.assert_array_equal(np.flatnonzero(inputs[:-1] == eos) + 1, starts[starts > 0])
+        step = np.diff(pos)
+        assert np.all((step == 1) | (pos[1:] == 0))
 
 
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("k", [5, 60, 80, 100])  # 60 + 20 crosses the end of epoch 0; at 80 the ranks are in different epochs
-def test_resume_is_bit_exact_same_dp_size(dataset: Path, k: int):
-    dp_size, kw = 2, dict(split="train", seq_len=64, micro_batch_size=2, seed=5)
+@pytest.mark.parametrize("k,shuffle_shards", [(5, 8), (60, 8), (80, 8), (100, 8), (37, 2), (80, 2), (80, 0)])
+def test_resume_is_bit_exact_same_dp_size(dataset: Path, k: int, shuffle_shards: int):
+    # 60 + 20 crosses the end of epoch 0; at 80 the ranks (and the lanes of a rank) are in different epochs
+    dp_size, kw = 2, dict(split="train", seq_len=64, micro_batch_size=2, seed=5, shuffle_shards=shuffle_shards)
     first = [TokenLoader(dataset, dp_rank=r, dp_size=dp_size, **kw) for r in range(dp_size)]
     iters = [iter(l) for l in first]
     for it in iters:
@@ -246,12 +257,14 @@ def test_resume_with_different_dp_size_neither_repeats_nor_skips(dataset: Path, 
         loader = TokenLoader(dataset, dp_rank=r, dp_size=after_dp, **kw)
         loader.load_state_dict(state)
         remaining = sum(sizes[f] - done[f] for f in loader.assigned_shards(0))  # rest of epoch 0 on this rank
-        it, got = iter(loader), np.zeros(0, np.int64)
-        while len(got) <= remaining:
-            got = np.concatenate([got, inputs_of([next(it)])])
-        read_after.append(got[:remaining])
-        # the stream continues with the first document of epoch 1
-        assert got[remaining] == epoch_documents(loader, 1)[0][0]
+        got = []
+        for lane in range(loader.lanes):  # each lane's stream up to its first piece of epoch 1
+            pieces = iter_pieces(loader.sources[0], loader.seed, r, after_dp, 0, copy.deepcopy(loader._consumed[0]),
+                                 loader.shuffle_shards, lane, loader.lanes)
+            got += [p.tokens for p in itertools.takewhile(lambda p: p.epoch == 0, pieces)]
+        got = np.concatenate(got) if got else np.zeros(0, np.int64)
+        assert len(got) == remaining
+        read_after.append(got)
     union = np.concatenate([read_before, *read_after])
     assert len(union) == len(epoch_tokens) and len(np.unique(union)) == len(union)
     assert set(union.tolist()) == set(epoch_tokens.tolist())
@@ -466,3 +479,26 @@ def test_embedded_corpus_is_built_once_under_concurrency(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [Path(outs[0]).name]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     read_manifest(outs[0])
+
+
+def test_mixture_token_proportions_are_within_one_percent_over_a_million_tokens(tmp_path: Path):
+    a = make_dataset(tmp_path / "a", num_shards=4, first_value=1)
+    b = make_dataset(tmp_path / "b", num_shards=4, first_value=40000, seed=2)
+    spec = [(a, 0.7), (b, 0.3)]
+    kw = dict(split="train", seq_len=256, micro_batch_size=8, dp_rank=0, dp_size=1, seed=3)
+    loader = TokenLoader(spec, **kw)
+    it = iter(loader)
+    batches = take(it, 1_000_000 // (256 * 8) + 1)  # past 10^6 tokens; the datasets repeat for many epochs
+    rows = torch.cat([x.input_ids for x in batches])
+    share_a = (rows < 40000).all(dim=1).float().mean().item()
+    assert abs(share_a - 0.7) < 0.01
+    resumed = TokenLoader(spec, **kw)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(take(iter(resumed), 30), take(it, 30))
+
+
+def test_config_names_a_mixture_of_sources():
+    from pretrain.config import compose
+
+    cfg = compose(["data=prepared", "data.sources=[{path: /a, weight: 0.7}, {path: /b, weight: 0.3}]"], world_size=1)
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [("/a", 0.7), ("/b", 0.3)]

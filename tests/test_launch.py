@@ -74,7 +74,7 @@ def test_dry_run_slurm_inside_allocation_prints_srun(capsys, monkeypatch):
     assert ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] == command[1:5]
     port = launch.slurm.PORT_BASE + 4242 % launch.slurm.PORT_RANGE
     for arg in ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d", f"--rdzv_endpoint=gpu-node-007:{port}",
-                "--rdzv_id=slurm-4242", "run.name=my-run"]:  # the run is named after the job, so it resumes
+                "--rdzv_id=slurm-4242", "run.name=my-run-4242"]:  # named after the job: its requeues resume
         assert arg in command
 
 
@@ -114,3 +114,27 @@ def test_elastic_restart_resumes_after_a_worker_is_killed(tmp_path):
     text = log.read_text()
     assert "resuming from" in text, text[-3000:]
     assert (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
+
+
+def test_slurm_run_name_is_unique_per_job_and_stable_across_requeues(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NAME", "pretrain")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    names = []
+    for job_id in ("100", "101", "100"):  # two jobs of the same name; the first requeued (same id)
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        names.append(launch.slurm.job_overrides(["model=tiny"])[-1])
+    assert names == ["run.name=pretrain-100", "run.name=pretrain-101", "run.name=pretrain-100"]
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert launch.slurm.job_overrides([])[-1] == "run.name=pretrain-200_3"
+    assert launch.slurm.job_overrides(["run.dir=/x"]) == ["run.dir=/x"]  # an explicit run is kept
+
+
+def test_more_processes_than_gpus_is_a_config_error(capsys):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    args = ["--dry-run", f"launcher.nproc_per_node={gpus + 1}"] + (["train.device=cuda"] if not gpus else [])
+    assert launch_main.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("launcher.nproc_per_node" in err if gpus else "train.device" in err), err

@@ -1,24 +1,33 @@
-"""Training throughput of pretrain against a reference measured in the same run.
+"""Training throughput of pretrain against references measured in the same run.
 
-The reference is Hugging Face transformers' LlamaForCausalLM of the same shape, trained with
-torch's AdamW in a plain loop: what a user would write by hand. Both run in this process on the
-same device and precision, on the same random batches. Prints absolute tokens/s and MFU for both
-and the ratio pretrain / reference (above 1 = faster).
+References, each trained with torch's AdamW on the same random batches, device and precision:
+  transformers  Hugging Face LlamaForCausalLM of the same shape in a plain loop (what a user writes)
+  eager         pretrain's own model in a minimal eager loop: no DeepSpeed, no framework, no compile
+  megatron      megatron-core's GPTModel from its local layer spec (CUDA only; skipped elsewhere)
+pretrain itself runs through `pretrain.train.build()` with a random batch source and no checkpoint
+saving, timing its real optimizer step. Prints tokens/s and MFU for each and the ratio pretrain /
+reference (above 1 = pretrain is faster). On CPU the contenders take turns step by step, so a busy
+machine slows all of them alike; on a GPU they run one after another, each alone in memory.
 
-    python tools/benchmark.py                                   # CPU-sized default
-    python tools/benchmark.py --hidden 768 --layers 12 --seq-len 512 --batch 2
-    python tools/benchmark.py --hidden 2048 --layers 16 --heads 16 --seq-len 2048 --batch 8   # GPU
+    python tools/benchmark.py                                             # CPU-sized default shape
+    python tools/benchmark.py --hidden 768 --layers 12 --heads 12 --seq-len 256 --batch 2
+    python tools/benchmark.py --preset 1b --seq-len 2048 --precision bf16 --steps 10 --json   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,39 +35,68 @@ import torch  # noqa: E402
 
 import pretrain.parallel  # noqa: E402,F401
 
+# The CPU-sized default shape (no --preset), and each preset's batch shape.
+DEFAULT_SHAPE = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": "null", "vocab_size": 8192}
+PRESET_BATCH = {None: (256, 4), "tiny": (256, 8), "125m": (1024, 8), "1b": (2048, 4)}
+REFERENCES = ("transformers", "eager", "megatron")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--preset", choices=["tiny", "125m", "1b"], default=None,
+                   help="model shape from conf/model/ (default: hidden 512, 8 layers, 8 heads, vocab 8192)")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
     p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="default: 256 (2048 for --preset 1b)")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default depends on the preset)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--zero-stage", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--references", default=",".join(REFERENCES),
+                   help=f"comma-separated subset of {', '.join(REFERENCES)}")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra pretrain config override, e.g. model.compile=true (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = p.parse_args(argv)
+    seq, batch = PRESET_BATCH[a.preset]
+    a.seq_len, a.batch = a.seq_len or seq, a.batch or batch
+    unknown = set(a.references.split(",")) - set(REFERENCES) - {""}
+    if unknown:
+        p.error(f"--references: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
+    return a
+
+
+def model_overrides(a: argparse.Namespace) -> list[str]:
+    out = [f"model={a.preset}"] if a.preset else [f"model.{k}={v}" for k, v in DEFAULT_SHAPE.items()]
+    if a.heads is not None and a.kv_heads is None:  # explicit heads without kv heads: multi-head attention
+        out.append("model.num_kv_heads=null")
+    for key, value in [("hidden_size", a.hidden), ("num_layers", a.layers), ("num_heads", a.heads),
+                       ("num_kv_heads", a.kv_heads), ("vocab_size", a.vocab)]:
+        if value is not None:
+            out.append(f"model.{key}={value}")
+    return out
 
 
 def overrides(a: argparse.Namespace, run_dir: str) -> list[str]:
-    kv = a.kv_heads or a.heads
-    return [f"model.hidden_size={a.hidden}", f"model.num_layers={a.layers}", f"model.num_heads={a.heads}",
-            f"model.num_kv_heads={kv}", f"model.vocab_size={a.vocab}", f"model.max_seq_len={max(a.seq_len, 1024)}",
-            f"train.seq_len={a.seq_len}", f"train.micro_batch_size={a.batch}",
-            f"train.max_steps={a.warmup + a.steps}", f"train.precision={a.precision}",
-            f"parallel.zero_stage={a.zero_stage}", "train.eval_interval=0", "checkpoint.interval=0",
-            "checkpoint.resume=false", "logging.wandb=disabled", "train.log_interval=1000000",
-            "optim.warmup_steps=1", f"run.dir={run_dir}", "data.embedded_vocab_size=1024"]
+    return [*model_overrides(a), f"model.max_seq_len={max(a.seq_len, 1024)}",
+            f"train.seq_len={a.seq_len}", f"train.micro_batch_size={a.batch}", "train.grad_accum_steps=1",
+            f"train.max_steps={10**9}", f"train.precision={a.precision}", f"parallel.zero_stage={a.zero_stage}",
+            "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false",
+            "checkpoint.resume=false", "logging.wandb=disabled", "optim.warmup_steps=1", f"run.dir={run_dir}",
+            "data.embedded_vocab_size=1024", *a.override]
 
 
 class RandomBatches:
-    """Uniform random tokens: throughput does not depend on the text."""
+    """Uniform random tokens, each row one document: throughput does not depend on the text.
+    A pretrain.train.BatchSource."""
 
-    def __init__(self, vocab: int, batch: int, seq_len: int, device: torch.device) -> None:
-        self.vocab, self.batch, self.seq_len, self.device = vocab, batch, seq_len, device
+    def __init__(self, vocab: int, batch: int, seq_len: int) -> None:
+        self.vocab, self.batch, self.seq_len = vocab, batch, seq_len
+        self.skipped_shards = 0
 
     def __iter__(self):
         from pretrain.data import Batch
@@ -71,74 +109,215 @@ class RandomBatches:
     def state_dict(self) -> dict:
         return {}
 
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     @staticmethod
     def merge_states(states: list) -> dict:
         return {}
 
 
-def bench_pretrain(a: argparse.Namespace) -> tuple[float, str, torch.device]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop_step(model, optimizer, batches, device: torch.device, bf16: bool,
+                    loss_of: Callable[[Any, Any], torch.Tensor]) -> Callable[[], None]:
+    """One training step as a user writes it: autocast forward, backward, clip, AdamW."""
+
+    def step() -> None:
+        batch = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # as a loop that logs its loss does
+
+    return step
+
+
+def adamw(params, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+
+
+def build_transformers(cfg, a, device: torch.device, bf16: bool) -> Callable[[], None]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.kv_heads, max_position_embeddings=max(a.seq_len, 1024),
+                         rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(device)
+    batches = iter(RandomBatches(m.vocab_size, a.batch, a.seq_len))
+
+    def loss_of(model, batch):
+        ids = batch.input_ids.to(device)
+        return model(input_ids=ids, labels=ids).loss
+
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+
+
+def build_eager(cfg, a, device: torch.device, bf16: bool, backend: str) -> Callable[[], None]:
+    from pretrain.model import GPT, init_weights
+
+    model = GPT(cfg.model, attention=backend, on_cuda=device.type == "cuda").to(device)
+    init_weights(model, 0, cfg.model.init_std, cfg.model.num_layers)
+    batches = iter(RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
+
+    def loss_of(model, batch):
+        return model(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids)
+
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+
+
+def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], None]:
+    """megatron-core's GPTModel with its local (no Transformer Engine) layer spec, on CUDA."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if device.type != "cuda":
+        raise RuntimeError("megatron-core's GPTModel runs only on CUDA")
+    m = cfg.model
+    model_parallel_cuda_manual_seed(0)
+    config = TransformerConfig(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
+                               num_query_groups=m.kv_heads, ffn_hidden_size=m.ffn_size, normalization="RMSNorm",
+                               layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu,
+                               add_bias_linear=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+                               persist_layer_norm=False, apply_rope_fusion=False, bias_dropout_fusion=False,
+                               hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_std)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=m.vocab_size, max_sequence_length=max(a.seq_len, 1024), position_embedding_type="rope",
+                     rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_embeddings).to(device)
+    batches = iter(RandomBatches(m.vocab_size, a.batch, a.seq_len))
+
+    def loss_of(model, batch):
+        ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+        return model(ids, batch.position_ids.to(device), attention_mask=None, labels=labels).float().mean()
+
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+
+
+def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argparse.Namespace, device: torch.device,
+               interleave: bool) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Seconds per timed step of each contender, round-robin (interleave) or one after another,
+    each built just before its turn and freed after it; and why any could not be built."""
+    times: dict[str, list[float]] = {}
+    skipped: dict[str, str] = {}
+
+    def build(name: str) -> Callable[[], None] | None:
+        try:
+            return builders[name]()
+        except Exception as err:  # a reference that cannot run here (megatron on CPU) is reported, not fatal
+            skipped[name] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            return None
+
+    def one(name: str, step_fn: Callable[[], None], step: int) -> None:
+        _sync(device)
+        start = time.perf_counter()
+        step_fn()
+        _sync(device)
+        if step >= a.warmup:
+            times.setdefault(name, []).append(time.perf_counter() - start)
+
+    if interleave:
+        steps = {name: fn for name in builders if (fn := build(name)) is not None}
+        for step in range(a.warmup + a.steps):
+            for name, fn in steps.items():
+                one(name, fn, step)
+        return times, skipped
+    for name in builders:
+        fn = build(name)
+        if fn is None:
+            continue
+        for step in range(a.warmup + a.steps):
+            one(name, fn, step)
+        del fn  # free its model before the next one is built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return times, skipped
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from launch.plan import parameter_count
     from pretrain.config import compose
+    from pretrain.metrics import flops_per_token, peak_flops
+    from pretrain.model.attention import resolve_backend
     from pretrain.train import build
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose(overrides(a, run_dir))
-        trainer = build(cfg)
-        trainer.loader = RandomBatches(a.vocab, a.batch, a.seq_len, trainer.dims.device)
-        trainer.save = lambda: None  # the benchmark measures training, not checkpoint I/O
-        records = trainer.run()
-    timed = records[a.warmup:]
-    step_time = statistics.median(r["step_time"] for r in timed)
-    return a.batch * a.seq_len / step_time, trainer.precision, trainer.dims.device
+        trainer = build(cfg, batches=RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
+        device, precision = trainer.dims.device, trainer.precision
+        bf16 = precision == "bf16"
+        backend = resolve_backend(cfg.model.attention, device, precision)
+        held = [trainer]  # released once pretrain has been timed on a GPU
+        del trainer
+
+        def pretrain_step() -> Callable[[], None]:
+            trainer = held.pop()
+            batches = iter(trainer.loader)
+            return lambda: trainer.train_step(batches)
+
+        builders = {"pretrain": pretrain_step,
+                    "transformers": lambda: build_transformers(cfg, a, device, bf16),
+                    "eager": lambda: build_eager(cfg, a, device, bf16, backend),
+                    "megatron": lambda: build_megatron(cfg, a, device, bf16)}
+        wanted = ["pretrain"] + [r for r in a.references.split(",") if r]
+        interleave = device.type != "cuda"
+        times, skipped = time_steps({name: builders[name] for name in wanted}, a, device, interleave)
+    n_params = parameter_count(cfg.model)
+    flops = flops_per_token(cfg.model, n_params, a.seq_len)
+    # One peak for all, measured after all ran (on CPU it is a measured matmul rate).
+    peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    tokens = a.batch * a.seq_len
+    results = {name: {"tokens_per_s": tokens / statistics.median(t), "mfu": flops * tokens / statistics.median(t) / peak,
+                      "step_s": statistics.median(t)} for name, t in times.items()}
+    ours_tps = results["pretrain"]["tokens_per_s"]
+    return {
+        "model": dict(dataclasses.asdict(cfg.model), parameters=n_params),
+        "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "zero_stage": a.zero_stage, "attention": backend,
+        "compile": bool(cfg.model.compile if cfg.model.compile is not None else
+                        device.type == "cuda" and cfg.parallel.zero_stage < 3),
+        "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
+        "results": results, "skipped": skipped,
+        "ratios": {name: ours_tps / r["tokens_per_s"] for name, r in results.items() if name != "pretrain"},
+    }
 
 
-def bench_reference(a: argparse.Namespace, precision: str, device: torch.device) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kv = a.kv_heads or a.heads
-    from pretrain.config import ModelConfig
-
-    ffn = ModelConfig(hidden_size=a.hidden, num_heads=a.heads).ffn_size
-    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=ffn, num_hidden_layers=a.layers,
-                         num_attention_heads=a.heads, num_key_value_heads=kv, max_position_embeddings=max(a.seq_len, 1024),
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=device.type == "cuda")
-    batches = iter(RandomBatches(a.vocab, a.batch, a.seq_len, device))
-    times = []
-    for step in range(a.warmup + a.steps):
-        batch = next(batches)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(input_ids=batch.input_ids.to(device), labels=batch.input_ids.to(device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= a.warmup:
-            times.append(time.perf_counter() - start)
-    return a.batch * a.seq_len / statistics.median(times)
+def table(report: dict[str, Any]) -> str:
+    m = report["model"]
+    lines = [f"model: hidden {m['hidden_size']}, layers {m['num_layers']}, heads {m['num_heads']}"
+             f"/{m['num_kv_heads'] or m['num_heads']}, vocab {m['vocab_size']}, {m['parameters'] / 1e6:.1f}M params | "
+             f"seq {report['seq_len']} x batch {report['batch']} | {report['device']} {report['precision']} | "
+             f"ZeRO-{report['zero_stage']} | attention {report['attention']} | compile {report['compile']} | "
+             f"{report['timing']}, median of {report['steps']} steps"]
+    for name, r in report["results"].items():
+        ratio = report["ratios"].get(name)
+        lines.append(f"{name:>12}: {r['tokens_per_s']:10,.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%"
+                     + (f"  pretrain/{name} = {ratio:.2f}" if ratio else ""))
+    lines += [f"{name:>12}: skipped ({why})" for name, why in report["skipped"].items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from pretrain.config import ModelConfig
-    from pretrain.metrics import flops_per_token, peak_flops
-    from launch.plan import parameter_count
+    with contextlib.redirect_stdout(sys.stderr if a.json else sys.stdout):  # --json: stdout is the JSON alone
+        report = run(a)
+    print(json.dumps(report, indent=1) if a.json else table(report), flush=True)
+    from pretrain.parallel.groups import destroy
 
-    ours_tps, precision, device = bench_pretrain(a)
-    ref_tps = bench_reference(a, precision, device)
-    mcfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
-                       num_kv_heads=a.kv_heads)
-    flops = flops_per_token(mcfg, parameter_count(mcfg), a.seq_len)
-    # One peak for both, measured after both ran (on CPU it is a measured matmul rate).
-    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    print(f"model: hidden {a.hidden}, layers {a.layers}, heads {a.heads}, vocab {a.vocab}, "
-          f"{parameter_count(mcfg) / 1e6:.1f}M params | seq {a.seq_len} x batch {a.batch} | {device.type} {precision}")
-    print(f"pretrain : {ours_tps:10,.0f} tokens/s  MFU {100 * flops * ours_tps / peak:5.1f}%")
-    print(f"reference: {ref_tps:10,.0f} tokens/s  MFU {100 * flops * ref_tps / peak:5.1f}%  (transformers Llama + AdamW)")
-    print(f"ratio pretrain/reference: {ours_tps / ref_tps:.2f}")
+    destroy()
     return 0
 
 

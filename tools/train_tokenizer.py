@@ -14,10 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import pretrain  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pretrain, installed or not
 
 from pretrain.data.manifest import DatasetError
 from pretrain.data.tokenizer import train_tokenizer_from_files

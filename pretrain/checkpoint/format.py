@@ -7,7 +7,8 @@
                                  data position, RNG, resolved config, tensor index, file checksums
         model-00000-of-00002.safetensors    full (TP=1) fp32 weights, split by tensor over writers
         optim-00000-of-00002.safetensors    Adam moments in the same shapes: "<name>.exp_avg" ...
-        rng-00000.safetensors               per-rank RNG states (used when the layout is unchanged)
+        rng-00000.safetensors               per-rank RNG states: torch CPU, this rank's GPU, Python,
+                                            NumPy (restored when the layout is unchanged)
         tokenizer.json           a copy of the run's tokenizer (for Hugging Face export)
       .tmp-step_00000200/        a save in progress (or one interrupted by a crash): never read,
                                  removed by the next save
@@ -188,15 +189,16 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
         candidates = [latest] + [p for p in steps if p.name < latest.name]
     else:
         candidates = steps
+    passed_over = 0
     for ckpt in candidates:
         try:
             verify_checkpoint(ckpt)
         except CheckpointError as err:
-            bad = bad or str(err)
-            warnings.append(f"checkpoint {ckpt} does not verify ({err})")
+            bad, passed_over = bad or str(err), passed_over + 1
             continue
         if bad:
-            warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint: {bad}")
+            more = f" ({passed_over} newer checkpoints do not verify)" if passed_over > 1 else ""
+            warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint{more}: {bad}")
         return ckpt, warnings
     if bad:
         raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over with checkpoint.resume=false "
@@ -255,7 +257,7 @@ def tokenizer_source(dataset_dir: str | Path) -> Path | None:
 
 def remove_interrupted(root: Path) -> None:
     """Delete the temp directories of saves that never finished (a crash or kill mid-save)."""
-    for tmp in root.glob(f"{TMP_PREFIX}step_*"):
+    for tmp in root.glob(f"{TMP_PREFIX}*step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 

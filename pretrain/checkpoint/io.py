@@ -37,6 +37,7 @@ from pretrain.checkpoint.format import (FORMAT_VERSION, TMP_PREFIX, TOKENIZER_FI
                                         check_model_shape, fsync_dir, prune, read_manifest,
                                         file_record, remove_interrupted, step_dir_name, tokenizer_source,
                                         verify_files, write_json_atomic, write_latest, write_tensors)
+from pretrain.checkpoint.rng import rng_state, set_rng_state
 from pretrain.checkpoint.state import MOMENTS, get_moment, get_param, set_moment, set_optimizer_step, set_param
 from pretrain.parallel import sharding
 
@@ -45,13 +46,6 @@ def _agree_on_errors(error: str | None) -> list[str]:
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["torch_cuda"] = torch.cuda.get_rng_state()
-    return out
 
 
 def assign_writers(sizes: list[int], world: int) -> list[int]:
@@ -87,7 +81,8 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
     moments: dict[str, torch.Tensor] = {}
     index: dict[str, dict[str, Any]] = {}
     for (pname, param), writer in zip(params, writers):
-        full = sharding.gather(get_param(param), param)
+        # Gathered on the TP group's device (a GPU under NCCL); only the writer copies them to host.
+        full = sharding.gather(get_param(engine, param), param)
         full_moments = {k: sharding.gather(get_moment(engine, param, k), param) for k in MOMENTS}
         # A fused weight is stored as its parts (q_proj, k_proj, v_proj), so the checkpoint is the same
         # whether or not the model fuses them.
@@ -96,10 +91,10 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
                             "optim_file": f"optim-{writer:05d}-of-{world:05d}.safetensors",
                             "shape": list(value.shape), "tp_partition_dim": sharding.partition_dim(param)}
             if writer == rank:
-                weights[lname] = value.contiguous()
+                weights[lname] = value.cpu().contiguous()
         if writer == rank:
             for k, v in full_moments.items():
-                moments.update({f"{lname}.{k}": part.contiguous()
+                moments.update({f"{lname}.{k}": part.cpu().contiguous()
                                 for lname, part in sharding.split_full(pname, param, v)})
         del full, full_moments
 
@@ -110,7 +105,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
             for fname, tensors in ((f"model-{rank:05d}-of-{world:05d}.safetensors", weights),
                                    (f"optim-{rank:05d}-of-{world:05d}.safetensors", moments)):
                 files[fname] = write_tensors(tmp / fname, tensors)
-        files[f"rng-{rank:05d}.safetensors"] = write_tensors(tmp / f"rng-{rank:05d}.safetensors", _rng_tensors())
+        files[f"rng-{rank:05d}.safetensors"] = write_tensors(tmp / f"rng-{rank:05d}.safetensors", rng_state())
         weights.clear()
         moments.clear()
         source = tokenizer_source(tokenizer["dataset_dir"]) if tokenizer.get("dataset_dir") else None
@@ -130,11 +125,14 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
                             layout=dict(meta.get("layout", {}), world_size=world))
             write_json_atomic(tmp / "manifest.json", manifest)
             fsync_dir(tmp)
-            if final.exists():  # the same step saved before (e.g. a resumed run's final save)
-                shutil.rmtree(tmp)
+            if final.exists():  # the same step saved before (a resumed run, perhaps from a damaged copy)
+                old = root / f"{TMP_PREFIX}old-{name}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(final)
-                fsync_dir(root)
+            fsync_dir(root)
             write_latest(root, name)
             prune(root, keep_last)
         except OSError as err:
@@ -212,7 +210,7 @@ def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = Fal
             for n in sharding.logical_names(pname, param)])
 
     for pname, param in params:
-        set_param(param, sharding.shard(full(pname, param, None), param))
+        set_param(engine, param, sharding.shard(full(pname, param, None), param))
         if not weights_only:
             for key in MOMENTS:
                 set_moment(engine, param, key, sharding.shard(full(pname, param, key), param))
@@ -220,6 +218,7 @@ def load(engine, ckpt: Path, model_cfg: dict[str, Any], weights_only: bool = Fal
         set_optimizer_step(engine, manifest["optimizer_step"])
         rng_file = f"rng-{dist.get_rank():05d}.safetensors"
         if manifest["layout"].get("world_size") == dist.get_world_size() and rng_file in manifest["files"]:
-            torch.set_rng_state(tensor(rng_file, "torch_cpu"))
+            with safe_open(str(ckpt / rng_file), framework="pt") as f:
+                set_rng_state({key: f.get_tensor(key) for key in f.keys()})
     handles.clear()
     return manifest

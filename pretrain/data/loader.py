@@ -6,13 +6,12 @@ documents in a seeded random order (a shuffle spanning several shards, so consec
 not all come from one part of the corpus). The documents are packed back to back into samples of seq_len + 1
 tokens overlapping by one (input_ids = sample[:-1], labels = sample[1:]); position_ids restart at
 0 at every document start so attention can keep documents apart. Several datasets can be mixed by
-weight: each sample comes whole from one source, chosen by a seeded hash of the sample number.
+weight: each sample comes whole from one source, the one furthest below its share so far.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from pretrain.data.manifest import DatasetError
 from pretrain.data.packing import Consumed, Packer, Source, iter_pieces
-from pretrain.data.sampling import choose_source, rank_shards
+from pretrain.data.sampling import blend_source, rank_shards
 from pretrain.data.shards import ReadOptions
 from pretrain.data.state import STATE_VERSION, localize_state, merge_rank_states, source_state
 
@@ -82,7 +81,7 @@ class TokenLoader:
             raise ValueError(f"shuffle_shards must be >= 0, got {shuffle_shards}")
         self.shuffle_shards = shuffle_shards
         self.sources = [Source(d, split, verify_checksums, read_options, on_bad_shard) for d, _ in specs]
-        self._cumulative = list(itertools.accumulate(float(w) for _, w in specs))
+        self._weights = [float(w) for _, w in specs]
         for source in self.sources:
             if len(source.shards) < dp_size:
                 raise DatasetError(
@@ -96,6 +95,10 @@ class TokenLoader:
         self._epochs = [0] * len(self.sources)  # per source: epoch of the next unconsumed token
         self._consumed: list[Consumed] = [{} for _ in self.sources]
         self._draws = 0
+        self.lanes = micro_batch_size if shuffle_shards else 1
+        self._lane_draws = [0] * len(self.sources)  # per source: samples taken, which picks the next lane
+        for source in self.sources:
+            source.cache_shards = 2 * max(1, shuffle_shards)  # lanes drift apart by up to a group
         self._generation = 0  # bumped by load_state_dict so stale iterators stop
 
     @property
@@ -113,18 +116,25 @@ class TokenLoader:
         packers = []
         for k, source in enumerate(self.sources):
             skip = copy.deepcopy(self._consumed[k])  # snapshot: what each shard has left
-            pieces = iter_pieces(source, self.seed, self.dp_rank, self.dp_size, self._epochs[k], skip,
-                                 self.shuffle_shards)
-            packers.append(Packer(pieces, self.seq_len, self._consumed[k], self._epochs[k]))
+            documents = [s.documents for s in source.shards]
+            packers.append([
+                Packer(iter_pieces(source, self.seed, self.dp_rank, self.dp_size, self._epochs[k], skip,
+                                   self.shuffle_shards, lane, self.lanes),
+                       self.seq_len, self._consumed[k], self._epochs[k], documents)
+                for lane in range(self.lanes)
+            ])
         while True:
             samples = []
             for _ in range(self.micro_batch_size):
                 if generation != self._generation:
                     raise RuntimeError("load_state_dict() was called; start a new iteration over the loader")
-                k = 0 if len(packers) == 1 else choose_source(self._cumulative, self.seed, self.dp_rank, self._draws)
-                samples.append(packers[k].next_sample())
+                k = 0 if len(packers) == 1 else blend_source(self._weights, self._lane_draws)
+                samples.append(packers[k][self._lane_draws[k] % self.lanes].next_sample())
                 self._draws += 1
-                self._epochs[k] = packers[k].epoch
+                self._lane_draws[k] += 1
+                self._epochs[k] = min(p.epoch for p in packers[k])
+                for old in [e for e in self._consumed[k] if e < self._epochs[k]]:
+                    del self._consumed[k][old]  # every shard of this rank in that epoch is finished
             tokens = torch.from_numpy(np.stack([t for t, _ in samples]))
             positions = torch.from_numpy(np.stack([p for _, p in samples]))
             yield Batch(tokens[:, :-1], tokens[:, 1:], positions[:, :-1])
@@ -139,6 +149,7 @@ class TokenLoader:
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "draws": self._draws,
+            "lane_draws": list(self._lane_draws),
             "sources": [source_state(s, e, c) for s, e, c in zip(self.sources, self._epochs, self._consumed)],
         }
 
@@ -149,10 +160,12 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a merged global state (or a single-rank run's own state)."""
-        local, draws = localize_state(state, self.sources, self.seed, self.split, self.dp_rank, self.dp_size)
+        local, draws, lane_draws = localize_state(state, self.sources, self.seed, self.split, self.dp_rank,
+                                                  self.dp_size)
         for k, (epoch, consumed) in enumerate(local):
             self._epochs[k] = epoch
             self._consumed[k].clear()
             self._consumed[k].update(consumed)
         self._draws = draws
+        self._lane_draws = lane_draws
         self._generation += 1

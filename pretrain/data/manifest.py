@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.files import confined
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "pretrain-token-shards"
 FORMAT_VERSION = 1
@@ -145,8 +147,12 @@ def read_manifest(dataset_dir: str | Path) -> Manifest:
             for s in shards:
                 if s.tokens <= 0 or s.documents <= 0:
                     raise ValueError(f"shard {s.file} has no tokens")
+                if confined(dataset_dir, s.file) is None:
+                    raise ValueError(f"shard file {str(s.file)[:80]!r} is outside {dataset_dir}")
         tok = body.get("tokenizer")
         tokenizer = TokenizerInfo(**tok) if tok else None
+        if tokenizer is not None and confined(dataset_dir, tokenizer.file) is None:
+            raise ValueError(f"tokenizer file {str(tokenizer.file)[:80]!r} is outside {dataset_dir}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{path}: manifest is malformed ({e}); {fix}") from None
     return Manifest(

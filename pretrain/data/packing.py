@@ -1,7 +1,7 @@
 """Per-rank token streams: shard reading with resume offsets, and packing into fixed-length samples.
 
-A rank's stream is the concatenation of its shards' documents, epoch after epoch. The packer cuts
-it into samples of ``seq_len + 1`` tokens that overlap by one token, so every token is an input
+A rank's stream (one per lane: a row of the micro-batch) is the concatenation of documents of its
+shards, epoch after epoch. The packer cuts it into samples of ``seq_len + 1`` tokens that overlap by one token, so every token is an input
 exactly once, and counts per (epoch, shard) how many tokens have been consumed as inputs: that
 count is the whole resume state.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,9 @@ class Source:
         self.options = dataclasses.replace(options, dtype=manifest.dtype, vocab_size=vocab)
         self.on_bad_shard = on_bad_shard
         self.skipped: list[str] = []
+        self.cache_shards = 2  # documents of this many recently read shards stay in memory
+        self.prefetch: Executor | None = None  # set to read the shards of a group concurrently
+        self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._verified: set[int] = set()
         for shard in self.shards:
             url = join_location(self.location, shard.file)
@@ -84,7 +89,27 @@ class Source:
         return join_location(self.location, self.shards[index].file)
 
     def read(self, index: int) -> list[np.ndarray]:
-        """The documents of shard ``index``; checksum verified on first use if asked."""
+        """The documents of shard ``index`` (kept in a small cache: several lanes read each shard)."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        docs = self._read(index)
+        self._cache[index] = docs
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return docs
+
+    def read_many(self, indices: list[int]) -> None:
+        """Read several shards into the cache, concurrently when a ``prefetch`` pool is set."""
+        todo = [i for i in indices if i not in self._cache]
+        if self.prefetch is None or len(todo) < 2:
+            return
+        for i, docs in zip(todo, self.prefetch.map(self._read, todo)):
+            self._cache[i] = docs
+        while len(self._cache) > max(self.cache_shards, len(indices)):
+            self._cache.popitem(last=False)
+
+    def _read(self, index: int) -> list[np.ndarray]:
         shard, url = self.shards[index], self.url(index)
         try:
             if self.verify_checksums and index not in self._verified and not is_url(url):
@@ -108,33 +133,35 @@ class Piece:
     doc: int  # index of the document within its shard
     tokens: np.ndarray
     position: int  # position id of tokens[0] within its document
-    closes: tuple[int, ...] = ()  # shards finished once this piece is consumed (the last piece of a group)
 
 
 def _group_documents(source: Source, group: list[int], progress: dict[int, ShardProgress],
-                     key: tuple[int, ...], shuffle: bool) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(shard, doc, tokens) of a group of shards: streamed in file order, or all read and permuted."""
-    todo = [i for i in group if not (i in progress and progress[i].full)]
-    if not shuffle:
-        for i in todo:
-            for d, doc in enumerate(source.read(i)):
-                yield i, d, doc
-        return
-    docs = [(i, d, doc) for i in todo for d, doc in enumerate(source.read(i))]
-    for j in document_permutation(len(docs), *key):
+                     key: tuple[int, ...], shuffle: bool) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """(shard, doc, tokens) of a group of shards: in file order, or permuted by ``key``; tokens is
+    None for a document of a shard already finished."""
+    docs: list[tuple[int, int, np.ndarray | None]] = []
+    source.read_many([i for i in group if not (i in progress and progress[i].full)])
+    for i in group:  # a finished shard is not read, but keeps its places so the order stays the same
+        if i in progress and progress[i].full:
+            docs += [(i, d, None) for d in range(source.shards[i].documents)]
+        else:
+            docs += [(i, d, doc) for d, doc in enumerate(source.read(i))]
+    order = document_permutation(len(docs), *key) if shuffle else range(len(docs))
+    for j in order:
         yield docs[j]
 
 
 def iter_pieces(
     source: Source, seed: int, dp_rank: int, dp_size: int, start_epoch: int, skip: Consumed,
-    shuffle_shards: int = 0,
+    shuffle_shards: int = 0, lane: int = 0, lanes: int = 1,
 ) -> Iterator[Piece]:
-    """This rank's infinite token stream from ``start_epoch`` on, skipping already consumed tokens.
+    """One lane of this rank's infinite token stream from ``start_epoch`` on, skipping consumed tokens.
 
     The rank's shards of an epoch are taken in groups of ``shuffle_shards``; the documents of a
-    group are read into memory and emitted in an order permuted by (seed, epoch, group), so
-    neighbouring samples come from different shards. ``shuffle_shards=0`` streams every shard in
-    file order, holding one document at a time.
+    group are emitted in an order permuted by (seed, epoch, group), so neighbouring samples come
+    from different shards, and dealt round-robin to ``lanes`` streams (one per row of a
+    micro-batch), so the rows of a batch come from different documents. ``shuffle_shards=0``
+    keeps file order in one lane.
     """
     epoch = start_epoch
     size = max(1, shuffle_shards)
@@ -143,27 +170,23 @@ def iter_pieces(
         progress = skip.get(epoch, {})
         for g in range(0, len(shards), size):
             group = shards[g : g + size]
-            key = (seed, epoch, *group)
-            pending: Piece | None = None  # one piece of lookahead, to mark the group's last one
-            for shard, d, doc in _group_documents(source, group, progress, key, shuffle_shards > 0):
+            docs = _group_documents(source, group, progress, (seed, epoch, *group), shuffle_shards > 0)
+            for shard, d, doc in itertools.islice(docs, lane, None, lanes):
                 seen = progress.get(shard)
-                if seen is not None and d in seen.done:
+                if doc is None or (seen is not None and d in seen.done):
                     continue
                 lo = seen.partial.get(d, 0) if seen is not None else 0
-                if pending is not None:
-                    yield pending
-                pending = Piece(epoch, shard, d, doc[lo:], lo)
-            if pending is not None:
-                pending.closes = tuple(group)
-                yield pending
+                yield Piece(epoch, shard, d, doc[lo:], lo)
         epoch += 1
 
 
 class Packer:
     """Cuts a piece stream into samples of seq_len + 1 tokens overlapping by one, tracking consumption."""
 
-    def __init__(self, pieces: Iterator[Piece], seq_len: int, consumed: Consumed, epoch: int):
+    def __init__(self, pieces: Iterator[Piece], seq_len: int, consumed: Consumed, epoch: int,
+                 documents: list[int]):
         self.seq_len = seq_len
+        self.documents = documents  # documents per shard, from the manifest
         self.consumed = consumed  # updated in place: the caller's resume state
         self.epoch = epoch  # epoch of the next unconsumed token
         self._pieces = pieces
@@ -205,13 +228,11 @@ class Packer:
             if self._head == piece.tokens.size:
                 progress.partial.pop(piece.doc, None)
                 progress.done.add(piece.doc)
-                for shard in piece.closes:  # the group is finished: forget its documents
-                    shards[shard] = ShardProgress(full=True)
+                if len(progress.done) == self.documents[piece.shard]:  # forget a finished shard's documents
+                    shards[piece.shard] = ShardProgress(full=True)
                 self._pending.popleft()
                 self._head = 0
             else:
                 progress.partial[piece.doc] = piece.position + self._head
         # One token always stays pending (the last label), so the next token's epoch is known.
         self.epoch = self._pending[0].epoch
-        for old in [e for e in self.consumed if e < self.epoch]:
-            del self.consumed[old]  # every shard of this rank in that epoch is finished

@@ -1,4 +1,4 @@
-"""Deterministic randomness for the data pipeline: shard orders, document orders, mixture draws.
+"""Deterministic choices of the data pipeline: shard orders, document orders, mixture blending.
 
 Resuming a run must reproduce the exact same shard order years later, on any machine. NumPy and
 torch do not promise stable random streams across versions, so the few random decisions the
@@ -50,13 +50,17 @@ def rank_shards(num_shards: int, seed: int, epoch: int, dp_rank: int, dp_size: i
     return shard_permutation(num_shards, seed, epoch)[dp_rank::dp_size]
 
 
-def choose_source(cumulative_weights: list[float], seed: int, dp_rank: int, draw: int) -> int:
-    """Which mixture source supplies sample number ``draw`` on this rank."""
-    u = uniform(seed, dp_rank, draw, 0x6D6978) * cumulative_weights[-1]
-    for i, edge in enumerate(cumulative_weights):
-        if u < edge:
-            return i
-    return len(cumulative_weights) - 1
+def blend_source(weights: list[float], counts: list[int]) -> int:
+    """The mixture source of the next sample: the one furthest below its share so far.
+
+    After n samples every source has within one sample of weight * n, so the realised token
+    proportions match the weights at any scale, and the choice depends only on ``counts``
+    (saved in the loader state), which makes a resumed mixture continue exactly.
+    """
+    total = sum(weights)
+    n = sum(counts) + 1
+    deficits = [w / total * n - c for w, c in zip(weights, counts)]
+    return max(range(len(weights)), key=lambda k: (deficits[k], -k))
 
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:

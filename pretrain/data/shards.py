@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import queue
+import re
 import tarfile
 import threading
 import time
@@ -34,7 +35,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, split: str, tokens_per_shard: int, dtype: np.dtype | str,
-                 first_shard: int = 0):
+                 first_shard: int = 0, first_key: int = 0):
         if tokens_per_shard < 1:
             raise ValueError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}")
         self.out_dir = Path(out_dir)
@@ -48,7 +49,7 @@ class ShardWriter:
         self._path: Path | None = None
         self._docs = 0
         self._tokens = 0
-        self._next_key = 0
+        self._next_key = first_key  # documents numbered across the split (continued on resume)
 
     def add(self, tokens: np.ndarray) -> None:
         """Append one document (a 1-D array of token ids, EOS already appended)."""
@@ -181,8 +182,25 @@ class _TimedStream(io.RawIOBase):
         super().close()
 
 
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d+),?\), \}\s*")
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """A .npy member as an array. numpy's own header parser (ast.literal_eval) costs more than the
+    data for short documents, so the one header layout our writer produces is parsed directly;
+    anything else goes through np.load (never with pickle)."""
+    if data[:8] in (b"\x93NUMPY\x01\x00",) and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data[10:end])
+        if match:
+            dtype, count = np.dtype(match.group(1).decode()), int(match.group(2))
+            if len(data) - end == count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count, offset=end)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _decode(url: str, name: str, data: bytes, opts: ReadOptions) -> np.ndarray:
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    arr = _load_npy(data)
     allowed = (opts.dtype,) if opts.dtype else ("uint16", "uint32")
     if arr.dtype.name not in allowed or arr.ndim != 1:
         raise DatasetError(f"{url}: member {name} holds {arr.dtype.name} of shape {arr.shape}, expected a 1-D "

@@ -96,15 +96,28 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": seed,
         "split": first["split"],
         "sources": sources,
-        "mixture": {"dp_size": dp_size, "draws": [s["draws"] for s in ordered]},
+        "mixture": {"dp_size": dp_size, "draws": [s["draws"] for s in ordered],
+                    "lane_draws": [s["lane_draws"] for s in ordered]},
     }
+
+
+def _own_rank_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A rank's own state in the global form, for the same rank of the same layout."""
+    draws, lanes = [0] * state["dp_size"], [[0] * len(state["sources"])] * state["dp_size"]
+    draws[state["dp_rank"]], lanes[state["dp_rank"]] = state["draws"], state["lane_draws"]
+    return {"version": STATE_VERSION, "kind": "global", "seed": state["seed"], "split": state["split"],
+            "sources": state["sources"], "mixture": {"dp_size": state["dp_size"], "draws": draws, "lane_draws": lanes}}
 
 
 def localize_state(
     state: dict[str, Any], sources: list[Source], seed: int, split: str, dp_rank: int, dp_size: int
-) -> tuple[list[tuple[int, Consumed]], int]:
-    """This rank's share of a global state: per source (start epoch, consumed), and the mixture draw count."""
-    if state.get("kind") == "rank":
+) -> tuple[list[tuple[int, Consumed]], int, list[int]]:
+    """This rank's share of a global state: per source (start epoch, consumed), the mixture draw
+    count and, per source, the samples drawn (which choose the lane of the next one)."""
+    if state.get("kind") == "rank" and state.get("version") == STATE_VERSION and state["dp_size"] > 1 \
+            and (state["dp_rank"], state["dp_size"]) == (dp_rank, dp_size):
+        state = _own_rank_state(state)  # a rank continuing from its own state: the others' do not matter
+    elif state.get("kind") == "rank":
         state = merge_rank_states([state])  # only valid when it was a single-rank run
     if state.get("version") == 1:
         raise StateError("the checkpoint's data position was saved before documents were shuffled (loader state "
@@ -137,5 +150,6 @@ def localize_state(
                     consumed.setdefault(epoch, {})[index] = _decode_progress(entry)
         result.append((int(saved["epoch"]), consumed))
     mixture = state.get("mixture", {})
-    draws = mixture["draws"][dp_rank] if mixture.get("dp_size") == dp_size else 0
-    return result, draws
+    if mixture.get("dp_size") != dp_size:  # another layout: lanes and mixture draws start afresh
+        return result, 0, [0] * len(sources)
+    return result, mixture["draws"][dp_rank], list(mixture["lane_draws"][dp_rank])

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.parallel.sharding import full_shape, logical_shapes, merge_full, shard
+from pretrain.parallel.zero3 import is_partitioned, write_partition
 
 
 def _std(name: str, init_std: float, num_layers: int) -> float:
@@ -27,14 +28,18 @@ def _std(name: str, init_std: float, num_layers: int) -> float:
 def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) -> None:
     for name, param in model.named_parameters():
         if "norm" in name:
-            param.fill_(1.0)
-            continue
-        parts = []
-        for part_name, shape in logical_shapes(name, param):  # fused q/k/v: each part as if unfused
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part_name.encode()))
-            parts.append(torch.empty(shape, dtype=torch.float32).normal_(
-                0.0, _std(part_name, init_std, num_layers), generator=generator))
-        param.copy_(shard(merge_full(param, parts), param))
+            full = torch.ones(full_shape(param), dtype=torch.float32)
+        else:
+            parts = []
+            for part_name, shape in logical_shapes(name, param):  # fused q/k/v: each part as if unfused
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part_name.encode()))
+                parts.append(torch.empty(shape, dtype=torch.float32).normal_(
+                    0.0, _std(part_name, init_std, num_layers), generator=generator))
+            full = merge_full(param, parts)
+        if is_partitioned(param):  # built under ZeRO-3's zero.Init: write this rank's partition only
+            write_partition(param, shard(full, param))
+        else:
+            param.copy_(shard(full, param))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,27 +13,51 @@ import logging
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
 
 from pretrain.config import Config
 
 
 def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
-    if cfg.parallel.zero_stage == 3:
+    p = cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
         # Gather every parameter for compute; small params stay replicated only above this size.
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
-    if cfg.parallel.zero_stage in (1, 2):
-        zero.update(reduce_scatter=True, overlap_comm=False, contiguous_gradients=True)
-    return {
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_prefetch_bucket_size=p.allgather_bucket_size)
+    if p.zero_stage in (1, 2):
+        zero.update(reduce_scatter=True, allgather_bucket_size=p.allgather_bucket_size)
+    if p.zero_stage > 0:
+        zero.update(overlap_comm=overlap_comm(cfg), contiguous_gradients=p.contiguous_gradients,
+                    reduce_bucket_size=p.reduce_bucket_size)
+    out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Plain fp32 DeepSpeed (no ZeRO, no bf16) reports no gradient norm, so pretrain.train computes it
+        # and clips with it (clip_grad_norm below); letting DeepSpeed clip too would compute it twice.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 or precision == "bf16" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        # DeepSpeed would otherwise accumulate micro-batch gradients and all-reduce them in bf16
+        # (8 mantissa bits: small gradients vanish in the sum). Without ZeRO it refuses fp32
+        # accumulation next to bf16 weights, so stage 0 accumulates in bf16 but still reduces in fp32.
+        out["communication_data_type"] = cfg.train.grad_reduce_dtype
+        if p.zero_stage > 0:
+            out["data_types"] = {"grad_accum_dtype": cfg.train.grad_reduce_dtype}
+    return out
+
+
+def overlap_comm(cfg: Config) -> bool:
+    """parallel.overlap_comm, with null meaning: on for CUDA (reductions overlap the backward on
+    their own stream), off on CPU (no streams to overlap on, only extra copies)."""
+    if cfg.parallel.overlap_comm is not None:
+        return bool(cfg.parallel.overlap_comm)
+    return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -54,6 +78,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
                                   eps=o.eps, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
+    if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every gradient
+        # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -73,6 +101,15 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
+def clip_grads(engine, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients to a global norm of at most max_norm (0 = no clipping), given their norm
+    (grad_norm_tensor); for engines that do not clip (deepspeed_reports_grad_norm false), so the norm
+    is computed once per step. On the device, no sync. Call between backward and step."""
+    if max_norm > 0:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def grad_norm(engine) -> float:
     return float(grad_norm_tensor(engine))
 
@@ -80,8 +117,6 @@ def grad_norm(engine) -> float:
 def grad_norm_tensor(engine) -> torch.Tensor:
     """Global gradient norm of the DP-reduced gradients (call between backward and step),
     counting TP-replicated parameters once, as DeepSpeed does; on the device, no sync."""
-    from megatron.core import parallel_state
-
     counted = [p.grad for p in engine.module.parameters() if p.grad is not None and (
         getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0)]
     device = next(engine.module.parameters()).device

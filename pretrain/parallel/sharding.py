@@ -59,14 +59,25 @@ def shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return torch.cat([piece.chunk(tp, dim=dim)[rank] for piece in pieces], dim=dim)
 
 
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a collective over `group` takes its tensors on: NCCL only moves CUDA tensors
+    (this rank's GPU), gloo only CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """All-gather a TP shard (of a weight, or of its optimizer state) into the full tensor."""
+    """All-gather a TP shard (of a weight, or of its optimizer state) into the full tensor, on the
+    TP group's device (where the collective runs; the caller moves it on from there)."""
     dim = partition_dim(param)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if dim is None or tp == 1:
         return local
+    group = parallel_state.get_tensor_model_parallel_group()
+    local = local.to(group_device(group)).contiguous()
     ranks = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(ranks, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(ranks, local, group=group)
     parts = fused_parts(param)
     if parts is None:
         return torch.cat(ranks, dim=dim)

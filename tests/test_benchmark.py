@@ -1,0 +1,34 @@
+"""tools/benchmark.py runs pretrain and its references on one shape and reports them as JSON.
+
+Only the report's shape and sanity are checked, never speed (timing assertions fail on a loaded
+machine); the numbers themselves are for people, with the commands in the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_json_reports_pretrain_and_every_reference() -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # PRETRAIN_CACHE (conftest) points it at the session corpus
+    cmd = [sys.executable, "tools/benchmark.py", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
+           "--vocab", "1024", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
+           "--precision", "fp32", "--zero-stage", "1", "--json"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)  # stdout holds the JSON alone; logs go to stderr
+    assert report["model"]["num_kv_heads"] == 2 and report["seq_len"] == 32 and report["zero_stage"] == 1
+    assert set(report["results"]) == {"pretrain", "transformers", "eager"} | (
+        {"megatron"} if torch.cuda.is_available() else set())
+    for name, r in report["results"].items():
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["step_s"] > 0, name
+    assert set(report["ratios"]) == set(report["results"]) - {"pretrain"}
+    if not torch.cuda.is_available():
+        assert "megatron" in report["skipped"] and report["timing"] == "interleaved"

@@ -1,0 +1,114 @@
+"""One command for a machine with one CUDA GPU: the `gpu` tests, then a short bf16 benchmark.
+
+    python tools/gpu_check.py                 # about 8 minutes at most
+    python tools/gpu_check.py --skip-tests    # benchmark only
+
+It runs `pytest -m gpu`, then `tools/benchmark.py --preset 1b --seq-len 2048 --precision bf16
+--steps N --json` and prints the benchmark's MFU and its ratios against the references measured in
+the same run. Each part has a hard time limit; a part that fails or runs out of time is reported
+in one line and the others still run. Exit status 0 only if every part passed.
+
+Dependencies that the machine lacks (deepspeed, megatron-core, hydra-core, webdataset) can come
+from a wheelhouse installed offline to a directory on PYTHONPATH; this script passes its own
+environment, PYTHONPATH included, to both parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_part(name: str, command: list[str], timeout: float) -> tuple[bool, str]:
+    """Run one part with a hard limit; return (passed, its stdout). Output streams to the console."""
+    print(f"== {name}: {' '.join(command)} (limit {timeout:.0f} s)", flush=True)
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, stdout=subprocess.PIPE, text=True)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        print(out, flush=True)
+        print(f"== {name}: FAILED, still running after {timeout:.0f} s (killed)", flush=True)
+        return False, out
+    print(proc.stdout, flush=True)
+    ok = proc.returncode == 0
+    print(f"== {name}: {'passed' if ok else f'FAILED (exit {proc.returncode})'} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return ok, proc.stdout
+
+
+def last_json(text: str) -> dict | None:
+    """The benchmark's --json object: the last line of its output that parses as a JSON object."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def summarize(result: dict) -> list[str]:
+    """MFU and every ratio the benchmark reports, whatever its exact key names."""
+    lines = []
+    for key, value in sorted(result.items()):
+        if isinstance(value, (int, float)) and ("mfu" in key.lower() or "ratio" in key.lower()
+                                                or "tokens_per_sec" in key.lower()):
+            shown = f"{100 * value:.1f}%" if "mfu" in key.lower() and value <= 1.5 else f"{value:,.2f}"
+            lines.append(f"   {key}: {shown}")
+        elif isinstance(value, dict):
+            lines += [f"   {key}.{line.strip()}" for line in summarize(value)]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--test-timeout", type=float, default=300, help="seconds for pytest -m gpu")
+    p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
+    p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
+    p.add_argument("--skip-tests", action="store_true")
+    a = p.parse_args(argv)
+
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: torch is not importable; install a CUDA build of torch first", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); run this on a GPU machine",
+              file=sys.stderr)
+        return 2
+    print(f"gpu_check: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, Python {sys.version.split()[0]}", flush=True)
+
+    results: dict[str, bool] = {}
+    if not a.skip_tests:
+        results["gpu tests"], _ = run_part("gpu tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu",
+                                                         "-p", "no:cacheprovider"], a.test_timeout)
+    bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
+                 "--steps", str(a.steps), "--json"]
+    ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)
+    result = last_json(out) if ok else None
+    if ok and result is None:
+        print("== benchmark: FAILED, printed no JSON object (expected --json output)", flush=True)
+        ok = False
+    results["benchmark"] = ok
+    if result is not None:
+        print("== benchmark summary (MFU by the PaLM formula against the GPU's dense bf16 peak):")
+        print("\n".join(summarize(result)) or "   (no MFU or ratio keys in the JSON)")
+
+    print("== gpu_check: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in results.items()), flush=True)
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
