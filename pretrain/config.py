@@ -40,6 +40,14 @@ class ModelConfig:
     max_seq_len: int = 4096
     """Longest sequence the RoPE tables are built for."""
     rope_theta: float = 10000.0
+    rope_scaling: Optional[str] = None
+    """None (plain RoPE) | llama3: Llama 3.1+ frequency scaling for long context, shaped by the rope_* keys below."""
+    rope_factor: float = 8.0
+    """llama3: long wavelengths are divided by this."""
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    """llama3: the context length the unscaled model was trained with."""
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     """Share the input embedding with the output projection."""
@@ -135,10 +143,18 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """Every decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 20
     schedule: str = "cosine"
-    """cosine | linear | constant (after warmup)."""
+    """cosine | linear | constant | wsd (after warmup). wsd = warmup-stable-decay: the peak lr until the
+    decay, which then runs to the last step."""
+    decay_fraction: float = 0.2
+    """wsd: the decay takes this fraction of train.max_steps, at the end."""
+    decay_shape: str = "1-sqrt"
+    """wsd: linear | cosine | 1-sqrt (lr = min + (peak - min) * (1 - sqrt(progress)))."""
+    decay_start_step: Optional[int] = None
+    """wsd: start the decay at this step instead (annealing a stable run from its checkpoint at this step);
+    overrides decay_fraction."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -199,6 +215,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    downstream_interval: int = 0
+    """Run the lm-eval tasks in eval.tasks every N steps (and at the end); 0 disables."""
+    tasks: list[str] = field(default_factory=lambda: ["python_next_line"])
+    """lm-eval task names, from pretrain/evals/tasks/ or eval.include_path (local task YAML; nothing is downloaded)."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files to search besides the shipped ones."""
+    limit: Optional[int] = None
+    """Documents per task (None = all)."""
+    batch_size: int = 16
+    """Sequences per forward pass during evaluation."""
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 100
     """Save every N steps and at the end; 0 = only at the end."""
@@ -210,6 +240,9 @@ class CheckpointConfig:
     """Resume automatically from <run.dir>/checkpoints/latest when present."""
     init_from: Optional[str] = None
     """Start a new run from this checkpoint's weights (for example one imported from Hugging Face)."""
+    init_optimizer: bool = False
+    """With init_from: also take its Adam moments, step count and data position, so the new run continues
+    that run (an annealing fork of a stable run); the data position is kept only when the dataset is the same."""
 
 
 @dataclass
@@ -224,6 +257,15 @@ class LoggingConfig:
     wandb: str = "offline"
     """offline | online | disabled. online needs logging.project."""
     project: Optional[str] = None
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run.dir>/tensorboard/."""
+
+
+@dataclass
+class ProfileConfig:
+    steps: Optional[list[int]] = None
+    """[first, last]: write a torch profiler Chrome trace of these optimizer steps (1-based, inclusive) to
+    <run.dir>/profile/, one per rank, with a table of the top ops (and a CUDA memory snapshot on GPU)."""
 
 
 @dataclass
@@ -284,9 +326,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
@@ -304,7 +348,8 @@ def _register() -> None:
 _CHOICES = {
     "model.attention": ("auto", "flash", "flex", "sdpa"),
     "model.activation_checkpointing": ("none", "full", "selective"),
-    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -416,6 +461,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel:
         _check(t.seq_len % p.tp == 0, "train.seq_len",
                f"{t.seq_len} must be divisible by parallel.tp={p.tp} with sequence parallelism")
+    _check(0 <= o.decay_fraction <= 1, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
+    if o.decay_start_step is not None:
+        _check(o.warmup_steps <= o.decay_start_step < t.max_steps, "optim.decay_start_step",
+               f"{o.decay_start_step} must be in [optim.warmup_steps={o.warmup_steps}, "
+               f"train.max_steps={t.max_steps}); raise train.max_steps to decay after it")
+    _check(not cfg.checkpoint.init_optimizer or bool(cfg.checkpoint.init_from), "checkpoint.init_optimizer",
+           "needs checkpoint.init_from=<checkpoint> to take the optimizer state from")
+    steps = cfg.profile.steps
+    if steps is not None:
+        _check(len(steps) == 2 and 1 <= steps[0] <= steps[1], "profile.steps",
+               f"got {list(steps)}; give [first, last] optimizer steps, 1 <= first <= last (e.g. [5,6])")
+    _check(cfg.eval.downstream_interval >= 0, "eval.downstream_interval", "must be >= 0")
+    _check(m.rope_scaling in (None, "llama3"), "model.rope_scaling",
+           f"got {m.rope_scaling!r}; allowed values: null, llama3")
+    if m.rope_scaling == "llama3":
+        _check(m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "model.rope_factor",
+               "llama3 scaling needs rope_factor >= 1 and 0 < rope_low_freq_factor < rope_high_freq_factor")
     nproc = cfg.launcher.nproc_per_node
     _check(nproc == "auto" or (isinstance(nproc, int) and nproc > 0), "launcher.nproc_per_node",
            f"got {nproc!r}; use auto or a positive integer")

@@ -64,6 +64,10 @@ def llama_config(model: dict[str, Any], eos_id: int | None = None, dtype: str = 
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
         attention_bias=False, mlp_bias=False, initializer_range=cfg.init_std,
+        rope_scaling=None if cfg.rope_scaling is None else {
+            "rope_type": cfg.rope_scaling, "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len},
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
         torch_dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
         architectures=["LlamaForCausalLM"])
@@ -130,14 +134,22 @@ def _export(ckpt: Path, tmp: Path, tokenizer: str | Path | None, dtype: str, wit
         save_hf_tokenizer(source, tmp)
 
 
-def _hf_rope_theta(config: dict[str, Any], where: Path) -> float:
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
-    if kinds:
-        kind = kinds.pop()
-        raise ConversionError(f"{where}: RoPE scaling {kind!r} is not supported (our model uses plain RoPE)")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+def _hf_rope(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """rope_theta and our rope_* keys from config.json (rope_parameters in transformers 5, rope_scaling before)."""
+    scaled = [d for d in (config.get("rope_parameters") or {}, config.get("rope_scaling") or {})
+              if d.get("rope_type", d.get("type")) not in (None, "default")]
+    params = scaled[0] if scaled else (config.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type"))
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", params.get("rope_theta"))
+    out: dict[str, Any] = {"rope_theta": float(theta if theta is not None else config.get("rope_theta", 10000.0))}
+    if kind in (None, "default"):
+        return out
+    if kind != "llama3":
+        raise ConversionError(f"{where}: RoPE scaling {kind!r} is not supported (only llama3)")
+    return dict(out, rope_scaling="llama3", rope_factor=float(params["factor"]),
+                rope_low_freq_factor=float(params["low_freq_factor"]),
+                rope_high_freq_factor=float(params["high_freq_factor"]),
+                rope_original_max_seq_len=int(params["original_max_position_embeddings"]))
 
 
 def model_config_from_hf(config: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -162,7 +174,7 @@ def model_config_from_hf(config: dict[str, Any], where: Path) -> dict[str, Any]:
         name=f"hf-{Path(where).parent.name}", vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 4096), rope_theta=_hf_rope_theta(config, where),
+        max_seq_len=config.get("max_position_embeddings", 4096), **_hf_rope(config, where),
         norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=config.get("initializer_range", 0.02))
     return asdict(model)

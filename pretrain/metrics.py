@@ -104,6 +104,28 @@ class WandbLogger:
             self.run.finish()
 
 
+class TensorBoardLogger:
+    """TensorBoard event files in <run.dir>/tensorboard/, beside wandb (every numeric value, by step)."""
+
+    def __init__(self, enabled: bool, run_dir: str) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _wandb_id(run_dir: str) -> str:
     """A stable id per run directory, so a resumed job appends to the same wandb run."""
     path = Path(run_dir) / "wandb_id"

@@ -34,13 +34,15 @@ from pretrain.faults import from_config as faults_from_config
 from pretrain.guard import DivergedError, StepGuard
 from pretrain.evaluation import EvalResult, EvalSums, token_byte_lengths
 from pretrain.generate import generate, parallel_logits
-from pretrain.metrics import MetricsWriter, WandbLogger, eval_line, flops_per_token, peak_flops
+from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
 from pretrain.parallel import zero3
 from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
                                       deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
+from pretrain.profiling import StepProfiler
+from pretrain.evals.downstream import DownstreamEval
 from pretrain.resume import agree_on_checkpoint, trim_metrics
 from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
@@ -220,6 +222,9 @@ class Trainer:
                    "world_size": dims.world_size, "dp": dims.dp, "precision": self.precision}
         wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
                             {**to_dict(cfg), "derived": derived}, enabled=dims.is_main)
+        tensorboard = TensorBoardLogger(cfg.logging.tensorboard and dims.is_main, cfg.run.dir)
+        profiler = StepProfiler(cfg.profile.steps, cfg.run.dir, dims.rank, dims.device)
+        downstream = DownstreamEval(cfg, self.engine.module, self.data_dir, dims.device)
         stop = StopSignal()
         watchdog = HangWatchdog(cfg.train.hang_timeout, cfg.run.dir, dims.rank).start()
         batches: Iterator = iter(self.loader)
@@ -227,7 +232,9 @@ class Trainer:
         progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_interval, enabled=dims.is_main)
         while self.step < cfg.train.max_steps:
             start = time.perf_counter()
+            profiler.before_step(self.step + 1)
             loss, norm, lr = self.train_step(batches)
+            profiler.after_step(self.step)
             watchdog.beat(f"step {self.step}")
             if dims.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -240,6 +247,7 @@ class Trainer:
             self.records.append(record)
             writer.write(record)
             wandb.log(record, self.step)
+            tensorboard.log(record, self.step)
             if self.guard.last.skipped:
                 log(dims, self.guard.describe_skip(self.step))
             elif not math.isfinite(loss):  # only with train.guard.enabled=false
@@ -257,8 +265,17 @@ class Trainer:
                 evaluated = {"eval_loss": result.loss, "eval_bpb": result.bits_per_byte}
                 writer.write({"step": self.step, **evaluated})
                 wandb.log(evaluated, self.step)
+                tensorboard.log(evaluated, self.step)
                 log(dims, eval_line(self.step, cfg.train.max_steps, result.loss, result.bits_per_byte))
                 watchdog.beat(f"eval at step {self.step}")
+            scores = downstream.maybe_run(self.step, last)
+            watchdog.beat(f"downstream eval at step {self.step}")
+            if scores:
+                writer.write({"step": self.step, **scores})
+                wandb.log(scores, self.step)
+                tensorboard.log(scores, self.step)
+                log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | " +
+                    " | ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in scores.items()))
             stopping = stop.agreed(dims.device)
             interval = cfg.checkpoint.interval
             periodic = interval and self.step % interval == 0 and not self.guard.last.streak  # not mid-streak
@@ -276,6 +293,7 @@ class Trainer:
         watchdog.stop()
         writer.close()
         wandb.close()
+        tensorboard.close()
         return self.records
 
     @torch.no_grad()
@@ -375,8 +393,17 @@ def resume(trainer: Trainer) -> str:
                    f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
     elif cfg.checkpoint.init_from:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
-        checkpoint.load(trainer.engine, source, model_cfg, weights_only=True)
-        started = f"step 0, weights initialised from {source}"
+        fork = cfg.checkpoint.init_optimizer
+        manifest = checkpoint.load(trainer.engine, source, model_cfg, weights_only=not fork)
+        if fork:  # continue that run's step count (and so its lr schedule) and, on the same data, its position
+            trainer.step = manifest["step"]
+            trainer.guard.load_state_dict(manifest.get("guard"))
+            try:
+                trainer.loader.load_state_dict(manifest["data"])
+            except StateError as err:
+                log(dims, f"reading the data from its start: the checkpoint's data position does not fit ({err})")
+        started = (f"step {trainer.step}, {'weights and optimizer state' if fork else 'weights'} initialised "
+                   f"from {source}")
     else:
         started = f"step 0, fresh weights (seed {cfg.train.seed})"
     if dims.is_main:  # steps after the resumed one (all of them when starting over) are redone

@@ -73,10 +73,13 @@ def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], m
 
 def model_overrides(model_cfg: dict[str, Any]) -> list[str]:
     """The command-line overrides that build the model a checkpoint holds."""
-    keys = [*SHAPE_KEYS, "max_seq_len", "rope_theta", "norm_eps"]
+    keys = [*SHAPE_KEYS, "max_seq_len", "rope_theta", "norm_eps", "rope_scaling", "rope_factor",
+            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
     def text(value: Any) -> str:
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
+    if not model_cfg.get("rope_scaling"):  # the rope_* shape keys mean nothing without scaling
+        keys = [k for k in keys if not k.startswith("rope_") or k == "rope_theta"]
     return [f"model.{k}={text(model_cfg[k])}" for k in keys if k in model_cfg]
 
 

@@ -9,6 +9,8 @@ gate_up_proj) are stored in checkpoints as their Hugging Face parts (pretrain.pa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,10 +23,21 @@ from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, V
                                       vocab_parallel_loss)
 
 
+def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths longer than original_len / low_freq_factor are stretched by
+    `factor`, shorter than original_len / high_freq_factor kept, and the band between interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = cfg.rope_original_max_seq_len / wavelen
+    smooth = ((ratio - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, cfg: ModelConfig | None = None) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if cfg is not None and cfg.rope_scaling == "llama3":
+            inv_freq = llama3_scaled(inv_freq, cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +148,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         mp = megatron_config(on_cuda)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mp, sequence_parallel)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg)
         self.kernel = attention_kernel(attention) if isinstance(attention, str) else attention
         self.layers = nn.ModuleList(Block(cfg, mp, sequence_parallel, self.kernel) for _ in range(cfg.num_layers))
         if compile_blocks:

@@ -1,0 +1,1 @@
+"""Downstream evaluation: an lm-eval model over our GPT (lm.py), local tasks (tasks/), the loop's hook (downstream.py)."""
