@@ -335,7 +335,7 @@ _NUMERIC: dict[str, _Rule] = {
     "model.ffn_hidden_size": _positive(optional=True), "model.max_seq_len": _positive(),
     "model.rope_theta": _Rule(0, low_open=True), "model.norm_eps": _Rule(0, low_open=True),
     "model.init_std": _Rule(0, low_open=True),
-    "parallel.tp": _positive(),
+    "parallel.tp": _positive(), "parallel.reduce_bucket_size": _positive(), "parallel.allgather_bucket_size": _positive(),
     "data.embedded_vocab_size": _at_least(258),
     "optim.lr": _Rule(0, low_open=True), "optim.min_lr_ratio": _Rule(0, 1), "optim.warmup_steps": _at_least(0),
     "optim.weight_decay": _at_least(0, integer=False), "optim.beta1": _Rule(0, 1, high_open=True),
