@@ -75,6 +75,8 @@ class SyntheticBatches:
     rank r [r]; its single-process reference gives [0, 1] and so sees the same global batch.
     """
 
+    skipped_shards = 0  # the loader interface the trainer logs; synthetic batches have no shards
+
     def __init__(self, vocab: int, seq_len: int, micro_batch: int, ranks: list[int], seed: int = 0,
                  accum: int = 1) -> None:
         self.vocab, self.seq_len, self.micro_batch, self.ranks, self.seed = vocab, seq_len, micro_batch, ranks, seed

@@ -1,0 +1,70 @@
+"""The DeepSpeed config generated from ours: fp32 gradient reduction under bf16, ZeRO buckets and
+overlap from config; and the device rule for tensor-parallel gathers."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import TINY, run_distributed
+
+
+def _ds(overrides: list[str], precision: str) -> dict:
+    from pretrain.config import compose
+    from pretrain.parallel.engine import deepspeed_config
+
+    return deepspeed_config(compose([*TINY, *overrides]), 1, precision)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default(stage: int) -> None:
+    ds = _ds([f"parallel.zero_stage={stage}"], "bf16")
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert ds["communication_data_type"] == "fp32"  # DeepSpeed's default would be bf16
+
+
+def test_bf16_without_zero_reduces_in_fp32_and_bf16_can_be_chosen() -> None:
+    ds = _ds(["parallel.zero_stage=0"], "bf16")
+    assert ds["communication_data_type"] == "fp32"
+    assert "data_types" not in ds  # DeepSpeed refuses fp32 accumulation next to bf16 weights without ZeRO
+    ds = _ds(["parallel.zero_stage=2", "train.grad_reduce_dtype=bf16"], "bf16")
+    assert ds["data_types"]["grad_accum_dtype"] == "bf16" and ds["communication_data_type"] == "bf16"
+    assert "communication_data_type" not in _ds(["parallel.zero_stage=2"], "fp32")
+
+
+def test_zero_buckets_and_overlap_come_from_config() -> None:
+    zero = _ds(["parallel.zero_stage=2", "parallel.overlap_comm=true", "parallel.reduce_bucket_size=1000",
+                "parallel.allgather_bucket_size=2000", "parallel.contiguous_gradients=false"], "fp32")
+    zero = zero["zero_optimization"]
+    assert (zero["overlap_comm"], zero["reduce_bucket_size"], zero["allgather_bucket_size"],
+            zero["contiguous_gradients"]) == (True, 1000, 2000, False)
+    assert _ds(["parallel.zero_stage=3"], "fp32")["zero_optimization"]["overlap_comm"] is False  # CPU default
+
+
+def test_bad_bucket_size_is_one_clear_line() -> None:
+    from pretrain.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match="parallel.reduce_bucket_size"):
+        compose([*TINY, "parallel.reduce_bucket_size=0"])
+
+
+def _gather_device() -> tuple[str, list[float]]:
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.parallel.groups import init_distributed
+    from pretrain.parallel.sharding import gather, group_device
+
+    init_distributed(2, "cpu")
+    from megatron.core import parallel_state
+
+    param = torch.nn.Parameter(torch.zeros(2, 3))
+    param.tensor_model_parallel, param.partition_dim = True, 0
+    local = torch.full((2, 3), float(dist.get_rank()))
+    full = gather(local, param)
+    return str(group_device(parallel_state.get_tensor_model_parallel_group())), full[:, 0].tolist()
+
+
+def test_tp_gather_runs_on_the_groups_device() -> None:
+    # gloo gathers CPU tensors; under NCCL group_device is the rank's GPU (tests/test_gpu.py).
+    rank0, rank1 = run_distributed(_gather_device, 2)
+    assert rank0 == rank1 == ("cpu", [0.0, 0.0, 1.0, 1.0])
