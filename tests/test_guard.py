@@ -35,7 +35,7 @@ class PoisonSteps:
 
         state = {"adam_step": torch.tensor(optimizer_step(self.engine))}
         for name, param in model.named_parameters():
-            state[name] = get_param(param).clone()
+            state[name] = get_param(self.engine, param).clone()
             for key in ("exp_avg", "exp_avg_sq"):
                 state[f"{name}.{key}"] = get_moment(self.engine, param, key).clone()
         self.before[step] = state
