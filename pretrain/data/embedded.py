@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 from pretrain.data.manifest import MANIFEST_NAME, Manifest, TokenizerInfo, dtype_for_vocab, read_manifest, write_manifest
-from pretrain.data.prepare import encode_documents
+from pretrain.data.prepare import encode_documents, shard_size_for
 from pretrain.files import atomic_directory
 from pretrain.data.shards import write_token_shards
 from pretrain.data.text import is_validation
@@ -87,23 +87,6 @@ def prepare_embedded_corpus(cache_dir: str | Path, vocab_size: int = 8192, *, ma
     return out
 
 
-def _shard_size(docs: list, min_shards: int) -> int:
-    """Largest tokens-per-shard (<= MAX_TOKENS_PER_SHARD) giving ``min_shards`` shards, if the documents allow."""
-
-    def count(size: int) -> int:
-        shards, fill = 0, 0
-        for d in docs:
-            fill += d.size
-            if fill >= size:
-                shards, fill = shards + 1, 0
-        return shards + (fill > 0)
-
-    size = min(MAX_TOKENS_PER_SHARD, max(1, sum(d.size for d in docs) // min_shards))
-    while size > 1 and count(size) < min_shards:
-        size //= 2
-    return size
-
-
 def _build(out: Path, vocab_size: int, max_files: int | None) -> None:
     docs = stdlib_documents(max_files)
     val_mask = [is_validation(doc_id, VAL_FRACTION) for doc_id, _ in docs]
@@ -115,8 +98,8 @@ def _build(out: Path, vocab_size: int, max_files: int | None) -> None:
     val = [a for a, v in zip(arrays, val_mask) if v]
     with atomic_directory(out) as tmp:
         splits = {
-            "train": write_token_shards(train, tmp, "train", _shard_size(train, MIN_TRAIN_SHARDS), dtype),
-            "val": write_token_shards(val, tmp, "val", _shard_size(val, MIN_VAL_SHARDS), dtype),
+            "train": write_token_shards(train, tmp, "train", shard_size_for(train, MIN_TRAIN_SHARDS, MAX_TOKENS_PER_SHARD), dtype),
+            "val": write_token_shards(val, tmp, "val", shard_size_for(val, MIN_VAL_SHARDS, MAX_TOKENS_PER_SHARD), dtype),
         }
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         write_manifest(

@@ -87,8 +87,8 @@ class _Progress:
             self._bar.close()
 
 
-def _shard_size_for(docs: list[np.ndarray], min_shards: int) -> int:
-    """Largest tokens-per-shard that gives at least ``min_shards`` shards of ``docs``."""
+def shard_size_for(docs: list[np.ndarray], min_shards: int, max_size: int | None = None) -> int:
+    """Largest tokens-per-shard (at most ``max_size``) that gives at least ``min_shards`` shards of ``docs``."""
     def count(size: int) -> int:
         shards, fill = 0, 0
         for d in docs:
@@ -98,6 +98,8 @@ def _shard_size_for(docs: list[np.ndarray], min_shards: int) -> int:
         return shards + (fill > 0)
 
     size = max(1, sum(d.size for d in docs) // min_shards)
+    if max_size is not None:
+        size = min(max_size, size)
     while size > 1 and count(size) < min_shards:
         size //= 2
     return size
@@ -221,7 +223,7 @@ def _reshard(work: Path, shards: list[ShardInfo], min_shards: int, dtype: np.dty
     for s in shards:
         (work / s.file).unlink()
     name = shards[0].file.rsplit("-", 1)[0]
-    writer = ShardWriter(work, name, _shard_size_for(docs, min_shards), dtype)
+    writer = ShardWriter(work, name, shard_size_for(docs, min_shards), dtype)
     for d in docs:
         writer.add(d)
     return writer.close()
