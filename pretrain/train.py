@@ -269,8 +269,8 @@ class Trainer:
                 log(dims, eval_line(self.step, cfg.train.max_steps, result.loss, result.bits_per_byte))
                 watchdog.beat(f"eval at step {self.step}")
             scores = downstream.maybe_run(self.step, last)
-            watchdog.beat(f"downstream eval at step {self.step}")
             if scores:
+                watchdog.beat(f"downstream eval at step {self.step}")
                 writer.write({"step": self.step, **scores})
                 wandb.log(scores, self.step)
                 tensorboard.log(scores, self.step)
