@@ -287,7 +287,11 @@ class Trainer:
                           "checkpoint saved, resume by starting the same run again")
                 break
         progress.close()
-        if cfg.train.sample_tokens and self.step == cfg.train.max_steps:
+        if cfg.train.sample_tokens and self.step == cfg.train.max_steps and cfg.parallel.sequence_parallel:
+            # Sequence parallelism splits the sequence over TP ranks, so a prompt of any length cannot run.
+            log(dims, "no end-of-run sample: generation does not run with parallel.sequence_parallel=true; "
+                      "sample the checkpoint with tools/generate.py")
+        elif cfg.train.sample_tokens and self.step == cfg.train.max_steps:
             log(dims, f"greedy sample after {self.step} steps, prompt {cfg.train.sample_prompt!r}:\n"
                       + cfg.train.sample_prompt + self.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
         watchdog.stop()
