@@ -22,6 +22,8 @@ from pretrain.model.attention import (Documents, FlexKernel, SDPAKernel, attenti
 # batch mixing both (single-document rows then take the masked path with the rest).
 ROWS = {"one-document": [[48], [48]], "several": [[10, 22, 16], [5, 15, 12, 16]],
         "mixed": [[48], [1, 30, 17]]}
+GPU_ROWS = {"one-document": [[256], [256]], "several": [[40, 88, 128], [20, 60, 48, 128]],
+            "mixed": [[256], [1, 130, 125]]}
 
 
 def positions(row_lengths: list[list[int]]) -> torch.Tensor:
@@ -45,9 +47,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lengths: li
     return torch.stack(rows)
 
 
-def qkv(heads: int, kv_heads: int, seq: int = 48, batch: int = 2, dtype=torch.float32, device="cpu"):
+def qkv(heads: int, kv_heads: int, seq: int = 48, batch: int = 2, dtype=torch.float32, device="cpu",
+        head_dim: int = 16):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    shapes = [(batch, seq, heads, 16), (batch, seq, kv_heads, 16), (batch, seq, kv_heads, 16)]
+    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim)]
     return [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in shapes]
 
 
@@ -149,7 +152,7 @@ def test_backend_choice_follows_device_and_precision() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+@pytest.mark.parametrize("rows", GPU_ROWS, ids=list(GPU_ROWS))
 def test_flash_flex_and_sdpa_agree_on_cuda_in_bf16(rows: str) -> None:
     """bf16 kernels against the fp32 per-document reference, forward and gradients. Tolerances are
     bf16's: its 8-bit mantissa gives ~1e-2 relative error after a softmax and a weighted sum."""
@@ -157,9 +160,9 @@ def test_flash_flex_and_sdpa_agree_on_cuda_in_bf16(rows: str) -> None:
 
     device = torch.device("cuda")
     backends = ["sdpa", "flex"] + (["flash"] if flash_attn_available() else [])
-    q32, k32, v32 = (t.detach().requires_grad_() for t in qkv(8, 2, seq=256 if rows == "one-document" else 48,
-                                                             device=device))
-    lengths = ROWS[rows] if rows != "one-document" else [[256], [256]]
+    # A training shape (head_dim 64, 256 tokens): the compiled kernels choose their tiles for it.
+    lengths = GPU_ROWS[rows]
+    q32, k32, v32 = (t.detach().requires_grad_() for t in qkv(8, 2, seq=256, device=device, head_dim=64))
     qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q32, k32, v32))
     expected = reference(qc, kc, vc, lengths)
     grad = torch.randn_like(expected)

@@ -50,12 +50,12 @@ def run_part(name: str, command: list[str], timeout: float) -> tuple[bool, str]:
 
 
 def last_json(text: str) -> dict | None:
-    """The benchmark's --json object: the last line of its output that parses as a JSON object."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
+    """The benchmark's --json object: the last JSON object its output ends with (one line or indented)."""
+    lines = text.strip().splitlines()
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith("{"):
             try:
-                return json.loads(line)
+                return json.loads("\n".join(lines[start:]))
             except json.JSONDecodeError:
                 continue
     return None
