@@ -90,7 +90,7 @@ def test_tp2_checkpoint_saves_over_nccl_and_resumes_in_tp1(tmp_path: Path) -> No
 def test_bf16_checkpoints_round_trip_in_every_zero_stage(tmp_path: Path) -> None:
     from test_bf16_checkpoint import SAVE_AT, STEPS as CKPT_STEPS, _all_stages, _tensors
 
-    base = [*GPU, "checkpoint.keep_last=0", "optim.lr=1e-2"]
+    base = [*GPU, "checkpoint.keep_last=0", "optim.lr=1e-2", "model.compile=false"]  # 16 builds: no compiling
     runs = run_distributed(_all_stages, 1, str(tmp_path), base)[0]
     for stage, out in runs.items():
         root = tmp_path / f"zero{stage}"

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.test_workers and importlib.util.find_spec("xdist"):  # the tests are short; the GPU has room
             pytest_cmd += ["-n", str(a.test_workers)]
         if importlib.util.find_spec("pytest_timeout"):  # a hung NCCL collective fails its test, not the check
-            pytest_cmd += [f"--timeout={int(a.test_timeout * 0.6)}"]
+            pytest_cmd += [f"--timeout={int(a.test_timeout * 0.8)}"]
         results["gpu tests"], _ = run_part("gpu tests", pytest_cmd, a.test_timeout)
         with tempfile.TemporaryDirectory() as run_dir:
             results["default job"], _ = run_part(
