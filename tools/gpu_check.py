@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
     p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
-    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-tests", action="store_true", help="skip pytest -m gpu (the job and benchmark still run)")
     a = p.parse_args(argv)
 
     try:
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("pytest_timeout"):  # a hung NCCL collective fails its test, not the check
             pytest_cmd += [f"--timeout={int(a.test_timeout * 0.8)}"]
         results["gpu tests"], _ = run_part("gpu tests", pytest_cmd, a.test_timeout)
-        with tempfile.TemporaryDirectory() as run_dir:
-            results["default job"], _ = run_part(
-                "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
-                                         f"run.dir={run_dir}"], a.launch_timeout)
+    with tempfile.TemporaryDirectory() as run_dir:  # a check writes no Weights & Biases run
+        results["default job"], _ = run_part(
+            "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
+                                     f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
     bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
                  "--steps", str(a.steps), "--json"]
     ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)
