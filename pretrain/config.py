@@ -119,6 +119,14 @@ class DataConfig:
     """Tokenizer size trained for the embedded corpus."""
     verify_checksums: bool = False
     """Hash every shard against the manifest before reading it."""
+    train_shards: Any = None
+    """Instead of data.path: the training shards as WebDataset brace patterns, one or a list (local paths,
+    pipe: commands, http(s) URLs), e.g. '/data/train-{000000..000099}.tar'. Each shard is read once at the
+    first start to count its documents; the counts are kept in run.dir/data-index."""
+    val_shards: Any = None
+    """With data.train_shards: the held-out shards (patterns, as train_shards); needed when evaluating."""
+    tokenizer: Optional[str] = None
+    """With data.train_shards: the tokenizer.json file (or URL) the shards were tokenized with."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A training mixture, e.g. [{path: a, weight: 0.7}, {path: b, weight: 0.3}]; when set it replaces
     data.path for training (evaluation reads the first source's val split)."""
@@ -492,9 +500,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(cfg.data.timeout > 0, "data.timeout", f"must be > 0 seconds, got {cfg.data.timeout}")
     _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
     _check(cfg.data.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {cfg.data.shuffle_shards}")
-    if cfg.data.name != "embedded":
+    if cfg.data.train_shards or cfg.data.val_shards:
+        _check(bool(cfg.data.train_shards), "data.val_shards", "needs data.train_shards too")
+        for key, value in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+            _check(value is None or isinstance(value, str) or (isinstance(value, list) and all(
+                isinstance(v, str) for v in value)), key, f"got {value!r}; give a pattern string or a list of them")
+        _check(not cfg.data.path and not cfg.data.sources, "data.train_shards",
+               "give either shard patterns or data.path / data.sources, not both")
+        _check(cfg.data.name != "embedded", "data.train_shards", "shard patterns need data=prepared")
+        _check(bool(cfg.data.tokenizer), "data.tokenizer",
+               "shard patterns need the tokenizer.json the shards were tokenized with: set data.tokenizer=PATH")
+        _check(bool(cfg.data.val_shards) or not cfg.train.eval_interval, "data.val_shards",
+               "evaluation needs held-out shards: set data.val_shards=PATTERN, or train.eval_interval=0")
+    elif cfg.data.name != "embedded":
         _check(bool(cfg.data.path or cfg.data.sources), "data.path", f"data.name={cfg.data.name} needs data.path "
-               "or data.sources (directories written by tools/prepare_data.py)")
+               "or data.sources (directories written by tools/prepare_data.py), or data.train_shards (patterns)")
     if cfg.logging.wandb == "online":
         _check(bool(cfg.logging.project), "logging.project", "wandb=online needs a project name")
     if world_size is not None:
@@ -532,6 +552,11 @@ def _one_line(err: BaseException, overrides: list[str]) -> str:
         key = override.group(1) if override else key
         return (f"config error: unknown key '{key}'; check the spelling "
                 "(`python -m launch --cfg job` prints every key)")
+    braced = next((o for o in overrides if "{" in o and "='" not in o and '="' not in o), None)
+    if "mismatched input '{'" in text and braced:
+        name, _, value = braced.partition("=")
+        return (f"config error: {name}: a value with {{braces}} must be quoted inside the override, "
+                f"e.g. \"{name}='{value}'\"")
     bad_value = re.search(r"Value '([^']*)' (?:of type '[^']+' )?could not be converted to (\w+)", text)
     if bad_value and key:
         return f"config error: {key}: '{bad_value.group(1)}' is not a valid {bad_value.group(2)}"

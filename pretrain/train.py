@@ -83,6 +83,10 @@ def dataset_dir(cfg: Config, dims: ParallelDims) -> Path | str:
                       f"sources and docs, a {cfg.data.embedded_vocab_size}-token BPE tokenizer trained on them, "
                       f"token shards in {built.parent}")
         return prepare_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.embedded_vocab_size)
+    if cfg.data.train_shards:  # shard patterns: an index in the run directory stands for the manifest
+        from pretrain.data.patterns import run_pattern_dataset
+
+        return run_pattern_dataset(cfg.data, cfg.run.dir, dims.dp)
     path = cfg.data.path or cfg.data.sources[0].path
     return path if is_url(path) else Path(path)
 
