@@ -4,6 +4,7 @@ resumes exactly, and one-line errors for bad patterns."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 from pretrain.config import ConfigError, compose
-from pretrain.data import DatasetError, Manifest, TokenizerInfo, TokenLoader, prepare_embedded_corpus, write_manifest
+from pretrain.data import (
+    DatasetError, Manifest, TokenizerInfo, TokenLoader, prepare_embedded_corpus, read_manifest, write_manifest,
+)
 from pretrain.data.patterns import INDEX_DIR, pattern_dataset
 from pretrain.data.shards import write_token_shards
 from pretrain.data.tokenizer import eos_id, load_tokenizer
@@ -75,6 +78,30 @@ def test_pipe_and_http_pattern_lists_give_the_same_batches_and_resume(dataset: P
     resumed = TokenLoader(index, dp_rank=0, dp_size=1, **KW)
     resumed.load_state_dict(loader.state_dict())
     assert_same_batches(take(iter(resumed), 20), reference[20:])
+
+
+def _index_on_ranks(dataset: str, log: str, run_dir: str) -> str:
+    import torch.distributed as dist
+
+    from pretrain.config import DataConfig
+    from pretrain.data.patterns import run_pattern_dataset
+
+    dist.init_process_group("gloo")
+    # Every read of shard i appends i to the log, so the test sees which shards were read how often.
+    train = [f"pipe:sh -c 'echo {i} >> {log}; cat {dataset}/train-{i:05d}.tar'" for i in range(6)]
+    cfg = DataConfig(name="prepared", train_shards=train, tokenizer=f"{dataset}/tokenizer.json", retries=0)
+    return (run_pattern_dataset(cfg, run_dir, dp_size=2) / "manifest.json").read_text()
+
+
+def test_ranks_share_the_indexing_and_agree_on_one_index(dataset: Path, tmp_path: Path):
+    from helpers import run_distributed
+
+    log = tmp_path / "reads.log"
+    texts = run_distributed(_index_on_ranks, 2, str(dataset), str(log), str(tmp_path / "run"))
+    assert texts[0] == texts[1]
+    assert sorted(int(line) for line in log.read_text().split()) == list(range(6))  # each shard read once
+    counts = [(s["documents"], s["tokens"]) for s in json.loads(texts[0])["splits"]["train"]]
+    assert counts == [(s.documents, s.tokens) for s in read_manifest(dataset).splits["train"]]
 
 
 def _train(run_dir: str, dataset: str, steps: int) -> list[dict]:
