@@ -122,7 +122,8 @@ class DataConfig:
     train_shards: Any = None
     """Instead of data.path: the training shards as WebDataset brace patterns, one or a list (local paths,
     pipe: commands, http(s) URLs), e.g. '/data/train-{000000..000099}.tar'. Each shard is read once at the
-    first start to count its documents; the counts are kept in run.dir/data-index."""
+    first start to count its documents; the counts are kept in run.dir/data-index (delete it after changing
+    a shard in place). No checksums are recorded, so data.verify_checksums does not apply."""
     val_shards: Any = None
     """With data.train_shards: the held-out shards (patterns, as train_shards); needed when evaluating."""
     tokenizer: Optional[str] = None
