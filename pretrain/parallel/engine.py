@@ -41,6 +41,9 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device around every
+        # micro-batch (to time it); the loop reads the device once per log interval instead.
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision == "bf16":
         # DeepSpeed would otherwise accumulate micro-batch gradients and all-reduce them in bf16
