@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from helpers import TINY
+
 
 def test_metrics_are_read_once_per_interval_with_every_steps_values() -> None:
     from pretrain.step_metrics import StepMetrics
@@ -43,3 +45,33 @@ def test_metrics_are_read_once_per_interval_with_every_steps_values() -> None:
     for flush in flushes:  # the interval's average time, the same for each of its steps
         assert len({r["step_time"] for r, _ in flush}) == 1 and flush[0][0]["step_time"] > 0
         assert math.isclose(flush[0][0]["mfu"], 10.0 * flush[0][0]["tokens_per_sec"] / 1e6)
+
+
+def _per_step_vs_per_interval(run_dir: str) -> list[list[dict]]:
+    from megatron.core import parallel_state
+
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    runs = []
+    for interval in (1, 4):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        cfg = compose([*TINY, "parallel.zero_stage=1", "train.max_steps=6", "faults.nan_steps=[3]",
+                       f"train.log_interval={interval}", f"run.dir={run_dir}/{interval}"], world_size=2)
+        runs.append(build(cfg).run())
+    return runs
+
+
+def test_reading_every_step_or_every_fourth_gives_the_same_records(tmp_path) -> None:
+    from helpers import run_distributed
+
+    # Same processes, threads and batches: only when the host reads the device differs, so every
+    # step's loss, norm, lr and skip count must be bit-identical (step 3 is poisoned and skipped).
+    every, fourth = run_distributed(_per_step_vs_per_interval, 2, str(tmp_path))[0]
+    keys = ("step", "loss", "grad_norm", "lr", "skipped_steps", "consumed_tokens")
+    assert [[repr(r[k]) for k in keys] for r in every] == [[repr(r[k]) for k in keys] for r in fourth]  # nan == nan
+    assert [r["step"] for r in fourth] == [1, 2, 3, 4, 5, 6] and [r["skipped_steps"] for r in fourth] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(fourth[2]["loss"]) and all(math.isfinite(r["grad_norm"]) for i, r in enumerate(fourth) if i != 2)
+    # The log_interval=4 run read steps 2-4 in one flush (after step 1, the first): one shared step_time.
+    assert len({r["step_time"] for r in fourth[1:4]}) == 1
