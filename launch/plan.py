@@ -57,7 +57,15 @@ class Plan:
 
 
 def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[str, float]:
-    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), plus activations.
+    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), DeepSpeed's
+    gradient reduce buckets, plus activations.
+
+    The ZeRO terms follow what DeepSpeed holds (measured by tests/test_memory_plan.py on CPU):
+    ZeRO 1-3 keep an fp32 master copy of their partition next to the moments even when the model is
+    fp32 (ZeRO-0 fp32 steps the weights themselves); gradients live as fp32 partitions from ZeRO-1
+    on, except that ZeRO-1 in bf16 keeps a full fp32 accumulator beside the bf16 gradients;
+    ZeRO-3 also keeps its reduce bucket and its gradient partitions between steps; ZeRO 1-2 allocate
+    their bucket(s) (two with overlap_comm) during the backward. Buckets are counted as fp32.
 
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
     (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
@@ -65,11 +73,21 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     """
     tp, z = cfg.parallel.tp, cfg.parallel.zero_stage
     p = params / tp
-    weight_bytes, grad_bytes = (2, 2) if bf16 else (4, 4)
-    optim_bytes = 12 if bf16 else 8  # fp32 master copy (bf16 only) + two Adam moments
-    weights = p * weight_bytes / (dp if z >= 3 else 1)
-    grads = p * grad_bytes / (dp if z >= 2 else 1)
-    optim = p * optim_bytes / (dp if z >= 1 else 1)
+    weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
+    if z == 0:
+        grads = p * (2 if bf16 else 4)
+    elif z == 1 and bf16:
+        grads = p * (4 + 2)  # the fp32 accumulator and the bf16 gradients, both whole
+    else:
+        grads = p * 4 / dp  # fp32 gradient partitions
+    optim = p * (12 if bf16 or z >= 1 else 8) / (dp if z >= 1 else 1)  # fp32 master copy + two Adam moments
+    buckets = 0.0
+    if z >= 1 and cfg.parallel.contiguous_gradients:
+        # overlap_comm's default as pretrain.parallel.engine.overlap_comm resolves it (not imported: it
+        # loads megatron-core, which a dry run does not need)
+        overlap = cfg.parallel.overlap_comm if cfg.parallel.overlap_comm is not None else (
+            cfg.train.device != "cpu" and torch.cuda.is_available())
+        buckets = cfg.parallel.reduce_bucket_size * 4 * (2 if z < 3 and overlap else 1)
     t, m = cfg.train, cfg.model
     per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
     per_layer /= tp if cfg.parallel.sequence_parallel else 1
@@ -78,8 +96,8 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     else:
         activations = per_layer * m.num_layers
     gib = 1024**3
-    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib,
-            "activations": activations / gib, "total": (weights + grads + optim + activations) / gib}
+    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib, "buffers": buckets / gib,
+            "activations": activations / gib, "total": (weights + grads + optim + buckets + activations) / gib}
 
 
 def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:
