@@ -65,7 +65,8 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     fp32 (ZeRO-0 fp32 steps the weights themselves); gradients live as fp32 partitions from ZeRO-1
     on, except that ZeRO-1 in bf16 keeps a full fp32 accumulator beside the bf16 gradients;
     ZeRO-3 also keeps its reduce bucket and its gradient partitions between steps; ZeRO 1-2 allocate
-    their bucket(s) (two with overlap_comm) during the backward. Buckets are counted as fp32.
+    their bucket(s) (two with overlap_comm) during the backward. Buckets are counted as fp32, at most
+    the rank's parameter count (pretrain.parallel.engine caps them there).
 
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
     (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
@@ -87,7 +88,7 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         # loads megatron-core, which a dry run does not need)
         overlap = cfg.parallel.overlap_comm if cfg.parallel.overlap_comm is not None else (
             cfg.train.device != "cpu" and torch.cuda.is_available())
-        buckets = cfg.parallel.reduce_bucket_size * 4 * (2 if z < 3 and overlap else 1)
+        buckets = min(cfg.parallel.reduce_bucket_size, p) * 4 * (2 if z < 3 and overlap else 1)  # capped: engine.py
     t, m = cfg.train, cfg.model
     per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
     per_layer /= tp if cfg.parallel.sequence_parallel else 1
