@@ -57,38 +57,38 @@ class Plan:
 
 
 def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[str, float]:
-    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), DeepSpeed's
-    gradient reduce buckets, plus activations.
+    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), ZeRO's
+    communication buckets, activations and the logits of the loss.
 
-    The ZeRO terms follow what DeepSpeed holds (measured by tests/test_memory_plan.py on CPU):
-    ZeRO 1-3 keep an fp32 master copy of their partition next to the moments even when the model is
-    fp32 (ZeRO-0 fp32 steps the weights themselves); gradients live as fp32 partitions from ZeRO-1
-    on, except that ZeRO-1 in bf16 keeps a full fp32 accumulator beside the bf16 gradients;
-    ZeRO-3 also keeps its reduce bucket and its gradient partitions between steps; ZeRO 1-2 allocate
-    their bucket(s) (two with overlap_comm) during the backward. Buckets are counted as fp32, at most
-    the rank's parameter count (pretrain.parallel.engine caps them there).
-
+    bf16 keeps, per parameter: bf16 weights (2 B), bf16 gradients (2 B) plus an fp32 gradient
+    (4 B: the accumulation dtype; ZeRO-1/2 add the fp32 partition the optimizer steps on), an fp32
+    master copy and two fp32 Adam moments (12 B). fp32 keeps 4 B weights, 8 B of moments, and under
+    ZeRO an fp32 master partition too (4 B / dp) and two gradient partitions (8 B / dp).
+    ZeRO-2/3 hold a gradient bucket of parallel.reduce_bucket_size elements (two with overlap_comm),
+    at most the rank's parameter count. tests/test_memory_plan.py checks the fp32 terms and bf16
+    ZeRO-0 against tensor bytes on CPU; tests/test_gpu.py the bf16 totals against CUDA's peak.
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
     (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
-    layer's worth plus each layer's input.
+    layer's worth plus each layer's input. The loss holds the micro-batch's logits (vocab/tp per
+    token) in the compute dtype plus an fp32 copy for the softmax.
     """
     tp, z = cfg.parallel.tp, cfg.parallel.zero_stage
     p = params / tp
     weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
-    if z == 0:
-        grads = p * (2 if bf16 else 4)
-    elif z == 1 and bf16:
-        grads = p * (4 + 2)  # the fp32 accumulator and the bf16 gradients, both whole
-    else:
-        grads = p * 4 / dp  # fp32 gradient partitions
-    optim = p * (12 if bf16 or z >= 1 else 8) / (dp if z >= 1 else 1)  # fp32 master copy + two Adam moments
+    if bf16:
+        grads = p * 2 / (dp if z >= 2 else 1) + p * 4 / (dp if z >= 2 else 1) + (p * 4 / dp if z in (1, 2) else 0)
+    elif z == 0:
+        grads = p * 4
+    else:  # fp32 ZeRO: the reduced gradient partition and the copy the optimizer steps on (measured on CPU)
+        grads = 2 * p * 4 / dp
+    # fp32 master copy (bf16, and every ZeRO stage, which clones its partition even of fp32 weights) + two moments
+    optim = p * (12 if bf16 or z >= 1 else 8) / (dp if z >= 1 else 1)
     buckets = 0.0
-    if z >= 1 and cfg.parallel.contiguous_gradients:
-        # overlap_comm's default as pretrain.parallel.engine.overlap_comm resolves it (not imported: it
-        # loads megatron-core, which a dry run does not need)
-        overlap = cfg.parallel.overlap_comm if cfg.parallel.overlap_comm is not None else (
-            cfg.train.device != "cpu" and torch.cuda.is_available())
-        buckets = min(cfg.parallel.reduce_bucket_size, p) * 4 * (2 if z < 3 and overlap else 1)  # capped: engine.py
+    if z >= 2:
+        from pretrain.parallel.engine import overlap_comm  # megatron-core loads only for ZeRO-2/3 plans
+
+        # capped at the rank's parameters, as pretrain.parallel.engine caps the bucket it asks for
+        buckets = min(cfg.parallel.reduce_bucket_size, p) * (2 if bf16 else 4) * (2 if overlap_comm(cfg) else 1)
     t, m = cfg.train, cfg.model
     per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
     per_layer /= tp if cfg.parallel.sequence_parallel else 1
@@ -96,9 +96,11 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
     else:
         activations = per_layer * m.num_layers
+    logits = t.seq_len * t.micro_batch_size * m.vocab_size / tp * ((2 if bf16 else 4) + 4)
     gib = 1024**3
-    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib, "buffers": buckets / gib,
-            "activations": activations / gib, "total": (weights + grads + optim + buckets + activations) / gib}
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets,
+             "activations": activations, "logits": logits}
+    return {**{k: v / gib for k, v in parts.items()}, "total": sum(parts.values()) / gib}
 
 
 def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:

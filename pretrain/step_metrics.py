@@ -47,7 +47,7 @@ class StepMetrics:
         if torch.is_tensor(grad_norm):
             row[1] = grad_norm.detach().to(row.device, row.dtype).reshape(())
         elif grad_norm is not None:
-            row[1] = float(grad_norm)
+            row[1].fill_(float(grad_norm))  # a kernel argument: copying a Python number to the device would sync
         self._pending.append((step, row, lr, consumed_tokens))
 
     def flush(self) -> list[tuple[dict[str, Any], Verdict]]:
