@@ -62,8 +62,11 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
 
     bf16 keeps, per parameter: bf16 weights (2 B), bf16 gradients (2 B) plus an fp32 gradient
     (4 B: the accumulation dtype; ZeRO-1/2 add the fp32 partition the optimizer steps on), an fp32
-    master copy and two fp32 Adam moments (12 B). ZeRO-2/3 hold a gradient bucket of
-    parallel.reduce_bucket_size elements (two with overlap_comm), whatever the model's size.
+    master copy and two fp32 Adam moments (12 B). fp32 keeps 4 B weights, 8 B of moments, and under
+    ZeRO an fp32 master partition too (4 B / dp) and two gradient partitions (8 B / dp).
+    ZeRO-2/3 hold a gradient bucket of parallel.reduce_bucket_size elements (two with overlap_comm),
+    at most the rank's parameter count. tests/test_memory_plan.py checks the fp32 terms and bf16
+    ZeRO-0 against tensor bytes on CPU; tests/test_gpu.py the bf16 totals against CUDA's peak.
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
     (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
     layer's worth plus each layer's input. The loss holds the micro-batch's logits (vocab/tp per
@@ -74,14 +77,18 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
     if bf16:
         grads = p * 2 / (dp if z >= 2 else 1) + p * 4 / (dp if z >= 2 else 1) + (p * 4 / dp if z in (1, 2) else 0)
-    else:
-        grads = p * 4 / (dp if z >= 2 else 1)
-    optim = p * (12 if bf16 else 8) / (dp if z >= 1 else 1)  # fp32 master (bf16 only) + two Adam moments
+    elif z == 0:
+        grads = p * 4
+    else:  # fp32 ZeRO: the reduced gradient partition and the copy the optimizer steps on (measured on CPU)
+        grads = 2 * p * 4 / dp
+    # fp32 master copy (bf16, and every ZeRO stage, which clones its partition even of fp32 weights) + two moments
+    optim = p * (12 if bf16 or z >= 1 else 8) / (dp if z >= 1 else 1)
     buckets = 0.0
     if z >= 2:
         from pretrain.parallel.engine import overlap_comm  # megatron-core loads only for ZeRO-2/3 plans
 
-        buckets = cfg.parallel.reduce_bucket_size * (2 if bf16 else 4) * (2 if overlap_comm(cfg) else 1)
+        # capped at the rank's parameters, as pretrain.parallel.engine caps the bucket it asks for
+        buckets = min(cfg.parallel.reduce_bucket_size, p) * (2 if bf16 else 4) * (2 if overlap_comm(cfg) else 1)
     t, m = cfg.train, cfg.model
     per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
     per_layer /= tp if cfg.parallel.sequence_parallel else 1

@@ -92,7 +92,8 @@ class ParallelConfig:
     overlap_comm: Optional[bool] = None
     """ZeRO 1-3: reduce gradients during the backward on a side stream. null = on with CUDA, off on CPU."""
     reduce_bucket_size: int = 500_000_000
-    """ZeRO 1-3: elements per gradient reduce(-scatter) bucket (bigger = fewer, larger messages, more memory)."""
+    """ZeRO 1-3: elements per gradient reduce(-scatter) bucket (bigger = fewer, larger messages, more memory);
+    capped at the model's parameter count, as DeepSpeed allocates whole buckets."""
     allgather_bucket_size: int = 500_000_000
     """ZeRO 1-2: elements per parameter all-gather bucket after the step; ZeRO-3: prefetch bucket."""
     contiguous_gradients: bool = True
@@ -210,7 +211,9 @@ class TrainConfig:
     """Evaluate on held-out data every N steps (and at the end); 0 disables."""
     eval_batches: int = 4
     log_interval: int = 10
-    """Console progress every N steps (metrics.jsonl gets every step)."""
+    """Console progress, wandb and TensorBoard every N steps. Losses, gradient norms and the guard's
+    verdicts stay on the device in between and are read in one transfer per interval (and before an
+    eval, a checkpoint, a stop and the last step); metrics.jsonl still gets every step."""
     sample_tokens: int = 48
     """Greedy tokens printed after the last step, continuing sample_prompt; 0 = no sample."""
     sample_prompt: str = ""

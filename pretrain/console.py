@@ -120,8 +120,9 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
 class Progress:
     """Progress of the steps of one run, on rank 0 (every method is a no-op elsewhere).
 
-    `update(step, record)` is called after every optimizer step; `record` is the metrics record
-    when the loop has one for that step (it may log only every few steps) and None otherwise.
+    `update(step, None)` is called after every optimizer step, and `update(step, record)` with each
+    step's metrics record when the loop reads them (every few steps, in a batch, so possibly after
+    later steps have run).
     A terminal gets a tqdm bar whose postfix shows the newest record; anything else gets
     `console_line` at steps that are multiples of log_interval, the first step and the last.
     """
@@ -133,6 +134,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.live = enabled and (self.stream.isatty() if live is None else live)
         self._start = time.perf_counter()
+        self._latest = start_step  # the newest step run (ETA and the bar count from it)
         self._bar = None
         if self.live:
             from tqdm import tqdm
@@ -151,14 +153,16 @@ class Progress:
     def update(self, step: int, record: dict[str, Any] | None) -> None:
         if not self.enabled:
             return
+        if record is None or step >= self._latest:  # records of earlier steps may arrive later, in a batch
+            self._latest = step
         if self._bar is not None:
             if record is not None and "loss" in record:
                 self._bar.set_postfix_str(postfix(record), refresh=False)
-            self._bar.update(step - self._bar.n)
+            self._bar.update(self._latest - self._bar.n)
             return
         due = step % self.log_interval == 0 or step == self.start_step + 1 or step == self.max_steps
         if record is not None and "loss" in record and due:
-            self.write(console_line(record, self.max_steps, self.eta(step)))
+            self.write(console_line(record, self.max_steps, self.eta(self._latest)))
 
     def write(self, message: str) -> None:
         """A line that must not be overwritten by the bar (eval results, checkpoints)."""

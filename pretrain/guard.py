@@ -14,9 +14,14 @@ Everything is decided on the device, with no host-device synchronisation of its 
   back, on the device. DeepSpeed's ZeRO-1/2 fp32 path also skips on a non-finite norm by itself;
 * the rolling statistics, the skip counter and the streak live in device tensors.
 
-The host learns the verdict in `read()`, which returns the loss together with the counters in one
-transfer: the loop calls it where it reads the loss anyway. A rollback is therefore decided at a
-point where the host already waits for the device.
+The host learns the verdicts late: the loop keeps each step's verdict row (`verdict`) on the device
+and reads the rows of all steps since the last read in one transfer, every train.log_interval steps
+and before an eval, a checkpoint or a stop (pretrain/step_metrics.py). Deferring the read is safe
+because the gate acts on the device each step. A rollback is decided at that read: if any step read
+reached max_bad_steps in a row, the run rolls back to its last checkpoint. Steps run between the
+streak and the read change no weights a rollback keeps (their updates are undone with it, though
+their good losses stay in the spike statistics); their batches are skipped with the bad ones, at
+most log_interval - 1 more.
 
 Cost: the all-reduce the loss needed anyway carries one more element, the host reads six numbers
 instead of one (same single transfer), and about 25 scalar kernels run per step (the spike
@@ -58,6 +63,13 @@ class Verdict:
     streak: int
     skipped_steps: int
 
+    @classmethod
+    def from_values(cls, values: list[float]) -> "Verdict":
+        """From a verdict row [loss, norm, bad, spike, streak, skipped] read from the device."""
+        loss, norm, bad, spike, streak, skipped = values
+        return cls(loss=loss, grad_norm=norm, skipped=bool(bad), spike=bool(spike), streak=int(streak),
+                   skipped_steps=int(skipped))
+
 
 class StepGuard:
     """Judges each step on the device and gates the optimizer; one per trainer."""
@@ -96,19 +108,27 @@ class StepGuard:
         if self.cfg.enabled:
             optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
 
+    @property
+    def verdict(self) -> torch.Tensor:
+        """The last step's verdict row [loss, norm, bad, spike, streak, skipped], on the device."""
+        assert self._last is not None, "verdict before judge()"
+        return self._last
+
     def read(self) -> Verdict:
-        """The last step's loss and counters: the one host-device transfer per step (kept as .last)."""
-        assert self._last is not None, "read() before judge()"
-        loss, norm, bad, spike, streak, skipped = self._last.tolist()
-        self.last = Verdict(loss=loss, grad_norm=norm, skipped=bool(bad), spike=bool(spike), streak=int(streak),
-                            skipped_steps=int(skipped))
-        return self.last
+        """The last step's loss and counters, read now (a host-device transfer; kept as .last)."""
+        return self.observe(Verdict.from_values(self.verdict.tolist()))
 
-    def needs_rollback(self) -> bool:
-        return self.cfg.enabled and self.last.streak >= self.cfg.max_bad_steps
+    def observe(self, verdict: Verdict) -> Verdict:
+        """Record the newest verdict the host has read (the loop reads them in batches)."""
+        self.last = verdict
+        return verdict
 
-    def describe_skip(self, step: int) -> str:
-        v = self.last
+    def needs_rollback(self, verdicts: list[Verdict] | None = None) -> bool:
+        """Whether any of `verdicts` (default: the last one read) ended max_bad_steps bad steps in a row."""
+        return self.cfg.enabled and any(v.streak >= self.cfg.max_bad_steps for v in verdicts or [self.last])
+
+    def describe_skip(self, step: int, verdict: Verdict | None = None) -> str:
+        v = verdict or self.last
         why = "loss spike" if v.spike else "non-finite loss" if v.loss != v.loss or abs(v.loss) == float("inf") \
             else "non-finite gradient norm"
         return (f"step {step} skipped ({why}: loss {v.loss:.4g}): weights and optimizer state unchanged; "

@@ -1,8 +1,14 @@
 """The training loop, and nothing else: `torchrun --nproc_per_node=N -m pretrain.train <overrides>`.
 
 The loop does not know the ZeRO stage or the TP size: the engine, the model's layers and the
-checkpoint module do. A SIGTERM/SIGUSR1 (sent before a SLURM time limit or by a preemption)
-finishes the current step, writes a checkpoint and exits 0; the next start resumes from it.
+checkpoint module do. A SIGTERM/SIGUSR1 (sent before a SLURM time limit or by a preemption) is
+agreed by all ranks one step later (StopSignal), then a checkpoint is written and the process exits
+0; the next start resumes from it.
+
+The host never waits for the device inside a step: losses, gradient norms and the guard's verdicts
+stay on the device and are read in one transfer every train.log_interval steps and before an eval,
+a checkpoint, a stop or the last step (pretrain/step_metrics.py). Console progress, wandb and
+TensorBoard are written at those reads; metrics.jsonl still gets one record per step.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from pretrain.evals.downstream import DownstreamEval
 from pretrain.resume import agree_on_checkpoint, trim_metrics
 from pretrain.precision import configure_matmul_precision, resolve_precision
 from pretrain.schedule import learning_rate
+from pretrain.step_metrics import StepMetrics
 from pretrain.watchdog import HangWatchdog
 
 
@@ -56,21 +63,47 @@ def log(dims: ParallelDims, message: str) -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary with a checkpoint."""
+    """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary with a checkpoint.
 
-    def __init__(self) -> None:
+    The ranks agree on the flag every step without waiting for the device: the flag is a CPU tensor
+    all-reduced over a gloo group (host_group), started asynchronously and read one call later, by
+    which time a whole step has passed and it has arrived. So a stop is agreed one step after the
+    signal. (Checking only at metric reads would cost nothing either, but would delay a stop by up to
+    train.log_interval steps, which a time limit's warning may not cover at large intervals.)
+    """
+
+    def __init__(self, group: Any = None) -> None:
         self.received: int | None = None
+        self._group = group
+        self._pending: tuple[Any, torch.Tensor] | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank got the signal (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """True on every rank, at the same step, once any rank got the signal (all must save together).
+        Collective: every rank calls it once per step."""
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())  # a CPU tensor: no device sync
+
+    def close(self) -> None:
+        """Finish the outstanding all-reduce (every rank calls this at the same point)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def host_group() -> Any:
+    """A process group for CPU tensors (gloo): the default group when it is gloo, else a new one.
+    Collective: every rank calls it at the same point."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def dataset_dir(cfg: Config, dims: ParallelDims) -> Path | str:
@@ -145,6 +178,27 @@ class BatchSource(Protocol):
 
 
 @dataclass
+class Sinks:
+    """Where metrics go on rank 0: metrics.jsonl, wandb, TensorBoard and the console progress."""
+
+    writer: MetricsWriter
+    wandb: WandbLogger
+    tensorboard: TensorBoardLogger
+    progress: Progress
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.writer.write(values if "step" in values else {"step": step, **values})
+        self.wandb.log(values, step)
+        self.tensorboard.log(values, step)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.wandb.close()
+        self.tensorboard.close()
+
+
+@dataclass
 class Trainer:
     cfg: Config
     dims: ParallelDims
@@ -183,9 +237,11 @@ class Trainer:
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
         return path
 
-    def train_step(self, batches: Iterator) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (DP-mean loss, grad norm, lr).
+    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, Any, float]:
+        """One optimizer step over grad_accum micro-batches, with no host read of a device value.
 
+        Returns the guard's verdict row (DP-mean loss, norm, flags, counters; on the device), the
+        gradient norm where DeepSpeed reports it after its step (else None: the row has it), and the lr.
         The guard judges the step before the optimizer runs and makes a bad step a no-op on every rank.
         """
         engine, device, step = self.engine, self.dims.device, self.step + 1
@@ -197,7 +253,8 @@ class Trainer:
             batch = next(batches)
             # position_ids stay where the loader made them: the model reads document boundaries from
             # a host copy without waiting for the device.
-            loss = self.faults.loss(step, engine(batch.input_ids.to(device), batch.labels.to(device),
+            loss = self.faults.loss(step, engine(batch.input_ids.to(device, non_blocking=True),
+                                                 batch.labels.to(device, non_blocking=True),
                                                  batch.position_ids))
             engine.backward(loss)
             loss_sum += loss.detach().float()
@@ -212,77 +269,60 @@ class Trainer:
                     clip_grads(engine, self.cfg.optim.grad_clip, norm)
             engine.step()
         self.step += 1
-        verdict = self.guard.read()
-        norm_value = float(engine.get_global_grad_norm()) if reports_norm else verdict.grad_norm
-        return verdict.loss, norm_value, lr
+        return self.guard.verdict, engine.get_global_grad_norm() if reports_norm else None, lr
 
     def run(self) -> list[dict[str, Any]]:
         cfg, dims = self.cfg, self.dims
         model_flops = flops_per_token(cfg.model, count_parameters(self.engine.module), cfg.train.seq_len)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         peak = peak_flops(dims.device, dtype) * dims.world_size
-        writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
         derived = {"parameters": count_parameters(self.engine.module), "tokens_per_step": self.tokens_per_step,
                    "world_size": dims.world_size, "dp": dims.dp, "precision": self.precision}
-        wandb = WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
-                            {**to_dict(cfg), "derived": derived}, enabled=dims.is_main)
-        tensorboard = TensorBoardLogger(cfg.logging.tensorboard and dims.is_main, cfg.run.dir)
+        sinks = Sinks(MetricsWriter(cfg.run.dir, enabled=dims.is_main),
+                      WandbLogger(cfg.logging.wandb, cfg.logging.project, cfg.run.dir, cfg.run.name,
+                                  {**to_dict(cfg), "derived": derived}, enabled=dims.is_main),
+                      TensorBoardLogger(cfg.logging.tensorboard and dims.is_main, cfg.run.dir),
+                      Progress(cfg.train.max_steps, self.step, cfg.train.log_interval, enabled=dims.is_main))
         profiler = StepProfiler(cfg.profile.steps, cfg.run.dir, dims.rank, dims.device)
         downstream = DownstreamEval(cfg, self.engine.module, self.data_dir, dims.device)
-        stop = StopSignal()
+        stop = StopSignal(host_group())
+        metrics = StepMetrics(self.tokens_per_step, model_flops, peak)
         watchdog = HangWatchdog(cfg.train.hang_timeout, cfg.run.dir, dims.rank).start()
         batches: Iterator = iter(self.loader)
         byte_lengths = token_byte_lengths(load_tokenizer(self.data_dir), cfg.model.vocab_size)
-        progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_interval, enabled=dims.is_main)
+        first = self.step + 1
         while self.step < cfg.train.max_steps:
-            start = time.perf_counter()
+            metrics.step_started()
             profiler.before_step(self.step + 1)
-            loss, norm, lr = self.train_step(batches)
+            verdict, norm, lr = self.train_step(batches)
             profiler.after_step(self.step)
             watchdog.beat(f"step {self.step}")
-            if dims.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            tokens_per_sec = self.tokens_per_step / elapsed
-            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                      "tokens_per_sec": tokens_per_sec, "mfu": model_flops * tokens_per_sec / peak,
-                      "consumed_tokens": self.step * self.tokens_per_step, "step_time": elapsed,
-                      "skipped_shards": self.loader.skipped_shards, "skipped_steps": self.guard.last.skipped_steps}
-            self.records.append(record)
-            writer.write(record)
-            wandb.log(record, self.step)
-            tensorboard.log(record, self.step)
-            if self.guard.last.skipped:
-                log(dims, self.guard.describe_skip(self.step))
-            elif not math.isfinite(loss):  # only with train.guard.enabled=false
-                raise DivergedError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
-            if self.guard.needs_rollback():
-                writer.close()
-                self.rollback()
-                writer = MetricsWriter(cfg.run.dir, enabled=dims.is_main)
+            metrics.add(self.step, verdict, norm, lr, self.step * self.tokens_per_step)
+            sinks.progress.update(self.step, None)
+            last = self.step == cfg.train.max_steps
+            stopping = stop.agreed()
+            evaluating = bool(cfg.train.eval_interval) and (self.step % cfg.train.eval_interval == 0 or last)
+            interval = cfg.checkpoint.interval
+            periodic = bool(interval) and self.step % interval == 0
+            if not (last or stopping or evaluating or periodic or downstream.due(self.step, last)
+                    or self.step == first or self.step % cfg.train.log_interval == 0):
+                continue  # nothing needs the device's numbers yet: queue the next step
+            if self.flush(metrics, sinks):
                 watchdog.beat(f"rollback to step {self.step}")
                 continue
-            last = self.step == cfg.train.max_steps
-            progress.update(self.step, record)
-            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
+            if evaluating:
                 result = evaluate(self.engine, self.data_dir, cfg, dims, byte_lengths)
                 evaluated = {"eval_loss": result.loss, "eval_bpb": result.bits_per_byte}
-                writer.write({"step": self.step, **evaluated})
-                wandb.log(evaluated, self.step)
-                tensorboard.log(evaluated, self.step)
+                sinks.log(self.step, evaluated)
                 log(dims, eval_line(self.step, cfg.train.max_steps, result.loss, result.bits_per_byte))
                 watchdog.beat(f"eval at step {self.step}")
             scores = downstream.maybe_run(self.step, last)
             if scores:
                 watchdog.beat(f"downstream eval at step {self.step}")
-                writer.write({"step": self.step, **scores})
-                wandb.log(scores, self.step)
-                tensorboard.log(scores, self.step)
+                sinks.log(self.step, scores)
                 log(dims, f"step {self.step:>6}/{cfg.train.max_steps} | " +
                     " | ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in scores.items()))
-            stopping = stop.agreed(dims.device)
-            interval = cfg.checkpoint.interval
-            periodic = interval and self.step % interval == 0 and not self.guard.last.streak  # not mid-streak
+            periodic = periodic and not self.guard.last.streak  # never save mid-streak
             if (last and cfg.checkpoint.save_final) or stopping or periodic:
                 self.save()
                 watchdog.beat(f"checkpoint at step {self.step}")
@@ -290,7 +330,8 @@ class Trainer:
                 log(dims, f"stopped by signal {stop.received or 'on another rank'} at step {self.step}; "
                           "checkpoint saved, resume by starting the same run again")
                 break
-        progress.close()
+        stop.close()
+        sinks.progress.close()
         if cfg.train.sample_tokens and self.step == cfg.train.max_steps and cfg.parallel.sequence_parallel:
             # Sequence parallelism splits the sequence over TP ranks, so a prompt of any length cannot run.
             log(dims, "no end-of-run sample: generation does not run with parallel.sequence_parallel=true; "
@@ -299,10 +340,32 @@ class Trainer:
             log(dims, f"greedy sample after {self.step} steps, prompt {cfg.train.sample_prompt!r}:\n"
                       + cfg.train.sample_prompt + self.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
         watchdog.stop()
-        writer.close()
-        wandb.close()
-        tensorboard.close()
+        sinks.close()
         return self.records
+
+    def flush(self, metrics: StepMetrics, sinks: "Sinks") -> bool:
+        """Read the steps since the last flush (one device read), log them, and roll back if one of
+        them ended a streak of train.guard.max_bad_steps bad steps; True if it rolled back."""
+        steps = metrics.flush()
+        for record, verdict in steps:
+            record["skipped_shards"] = self.loader.skipped_shards  # as of the flush
+            self.records.append(record)
+            sinks.log(record["step"], record)
+            sinks.progress.update(record["step"], record)
+            if verdict.skipped:
+                log(self.dims, self.guard.describe_skip(record["step"], verdict))
+            elif not math.isfinite(verdict.loss):  # only with train.guard.enabled=false
+                raise DivergedError(f"loss is {verdict.loss} at step {record['step']}; lower optim.lr or check the data")
+        if not steps:
+            return False
+        self.guard.observe(steps[-1][1])
+        verdicts = [v for _, v in steps]
+        if not self.guard.needs_rollback(verdicts):
+            return False
+        sinks.writer.close()
+        self.rollback(next(r["step"] for r, v in steps if self.guard.needs_rollback([v])))
+        sinks.writer = MetricsWriter(self.cfg.run.dir, enabled=self.dims.is_main)
+        return True
 
     @torch.no_grad()
     def sample(self, prompt: str, max_new_tokens: int) -> str:
@@ -317,11 +380,12 @@ class Trainer:
         self.engine.train()
         return tokenizer.decode([t for t in new if t != eos])
 
-    def rollback(self) -> None:
+    def rollback(self, bad_step: int) -> None:
         """Back to the newest verified checkpoint: weights, moments, step and RNG, but not the data
-        position, so the batches that produced the bad steps are not read again."""
+        position, so the batches that produced the bad steps are not read again. bad_step ended the
+        streak; the steps run after it until the metrics were read are undone too."""
         root = Path(self.cfg.run.dir) / "checkpoints"
-        bad_step = self.step
+        read_at = self.step
         ckpt = agree_on_checkpoint(root)
         if ckpt is None:
             raise DivergedError(f"{self.cfg.train.guard.max_bad_steps} bad steps in a row at step {bad_step} and no "
@@ -332,9 +396,11 @@ class Trainer:
         self.records = [r for r in self.records if r["step"] <= self.step]
         if self.dims.is_main:
             trim_metrics(self.cfg.run.dir, self.step)
+        since = f"; steps {bad_step + 1}-{read_at}, run before the metrics were read, are undone too" \
+            if read_at > bad_step else ""
         log(self.dims, f"rolled back from step {bad_step} to {ckpt} (step {self.step}) after "
-                       f"{self.cfg.train.guard.max_bad_steps} bad steps in a row; the data position stays past "
-                       f"the bad batches (rollback {self.guard.rollbacks} of at most "
+                       f"{self.cfg.train.guard.max_bad_steps} bad steps in a row{since}; the data position stays "
+                       f"past the bad batches (rollback {self.guard.rollbacks} of at most "
                        f"{self.cfg.train.guard.max_rollbacks})")
 
 

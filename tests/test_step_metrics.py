@@ -1,44 +1,77 @@
-"""Per-step metrics are kept on the device and read once per log interval, with the same values
-a per-step read would give: the data-parallel mean loss of every step, in step order."""
+"""Per-step metrics are kept on the device and read once per flush, with the values a per-step read
+would give: every step's own loss, gradient norm, learning rate and guard verdict, in step order."""
 
 from __future__ import annotations
 
 import math
 
-from helpers import run_distributed
+import torch
+
+from helpers import TINY
 
 
-def _metrics(losses_per_rank: list[list[float]]) -> list[list[dict]]:
-    import torch
-    import torch.distributed as dist
-
+def test_metrics_are_read_once_per_interval_with_every_steps_values() -> None:
     from pretrain.step_metrics import StepMetrics
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    metrics = StepMetrics(torch.device("cpu"), None, dist.get_world_size(), tokens_per_step=64,
-                          flops_per_token=10.0, peak_flops=1e6)
+    metrics = StepMetrics(tokens_per_step=64, flops_per_token=10.0, peak_flops=1e6)
+    engine_norm = torch.zeros(())  # an engine that reuses one tensor for its reported norm
     flushes = []
-    for i, loss in enumerate(losses_per_rank[rank]):
+    for i in range(5):
+        step = i + 1
         metrics.step_started()
-        metrics.add(i + 1, torch.tensor(loss), torch.tensor(0.5 * (i + 1)), lr=1e-3 * (i + 1),
-                    consumed_tokens=64 * (i + 1))
-        if (i + 1) % 3 == 0 or i + 1 == len(losses_per_rank[rank]):
+        # [loss, norm, bad, spike, streak, skipped] as StepGuard.judge leaves it
+        row = torch.tensor([4.0 - i, float("nan"), float(step == 3), 0.0, float(step == 3), float(step >= 3)])
+        if step % 2:  # the engine reports the norm after its step: it replaces the row's NaN
+            engine_norm.fill_(0.5 * step)
+            norm = engine_norm if step != 5 else 2.5  # a tensor, or a float
+        else:
+            row[1], norm = 0.5 * step, None  # the norm computed before the step is in the row
+        metrics.add(step, row, norm, lr=1e-3 * step, consumed_tokens=64 * step)
+        engine_norm.fill_(-1.0)  # reused next step: the kept value must not change
+        if step % 3 == 0 or step == 5:
+            assert metrics.pending == (3 if step == 3 else 2)
             flushes.append(metrics.flush())
-    flushes.append(metrics.flush())  # nothing pending: nothing written
-    return flushes
-
-
-def test_metrics_are_read_once_per_interval_with_every_steps_dp_mean() -> None:
-    per_rank = [[4.0, 3.0, 2.5, 2.0, 1.5], [2.0, 1.0, 0.5, 1.0, 0.5]]
-    rank0, rank1 = run_distributed(_metrics, 2, per_rank)
-    assert [[r["step"] for r in f] for f in rank0] == [[1, 2, 3], [4, 5], []]  # one record per step
-    records = [r for f in rank0 for r in f]
-    assert [r["loss"] for r in records] == [3.0, 2.0, 1.5, 1.5, 1.0]  # the mean over both DP ranks
+    assert metrics.flush() == [] and metrics.pending == 0  # nothing pending: nothing written
+    assert [[r["step"] for r, _ in f] for f in flushes] == [[1, 2, 3], [4, 5]]  # one record per step
+    records = [r for f in flushes for r, _ in f]
+    verdicts = [v for f in flushes for _, v in f]
+    assert [r["loss"] for r in records] == [4.0, 3.0, 2.0, 1.0, 0.0]
     assert [r["grad_norm"] for r in records] == [0.5, 1.0, 1.5, 2.0, 2.5]
     assert [r["consumed_tokens"] for r in records] == [64, 128, 192, 256, 320]
-    assert math.isclose(records[0]["lr"], 1e-3)
-    for flush in rank0[:2]:  # the interval's average time, the same for each of its steps
-        assert len({r["step_time"] for r in flush}) == 1 and flush[0]["step_time"] > 0
-        assert math.isclose(flush[0]["mfu"], 10.0 * flush[0]["tokens_per_sec"] / 1e6)
-    assert [r["loss"] for f in rank1 for r in f] == [r["loss"] for r in records]  # every rank agrees
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    assert [v.skipped for v in verdicts] == [False, False, True, False, False]
+    assert [v.streak for v in verdicts] == [0, 0, 1, 0, 0]
+    assert math.isclose(records[0]["lr"], 1e-3) and math.isclose(records[4]["lr"], 5e-3)
+    for flush in flushes:  # the interval's average time, the same for each of its steps
+        assert len({r["step_time"] for r, _ in flush}) == 1 and flush[0][0]["step_time"] > 0
+        assert math.isclose(flush[0][0]["mfu"], 10.0 * flush[0][0]["tokens_per_sec"] / 1e6)
+
+
+def _per_step_vs_per_interval(run_dir: str) -> list[list[dict]]:
+    from megatron.core import parallel_state
+
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    runs = []
+    for interval in (1, 4):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        cfg = compose([*TINY, "parallel.zero_stage=1", "train.max_steps=6", "faults.nan_steps=[3]",
+                       f"train.log_interval={interval}", f"run.dir={run_dir}/{interval}"], world_size=2)
+        runs.append(build(cfg).run())
+    return runs
+
+
+def test_reading_every_step_or_every_fourth_gives_the_same_records(tmp_path) -> None:
+    from helpers import run_distributed
+
+    # Same processes, threads and batches: only when the host reads the device differs, so every
+    # step's loss, norm, lr and skip count must be bit-identical (step 3 is poisoned and skipped).
+    every, fourth = run_distributed(_per_step_vs_per_interval, 2, str(tmp_path))[0]
+    keys = ("step", "loss", "grad_norm", "lr", "skipped_steps", "consumed_tokens")
+    assert [[repr(r[k]) for k in keys] for r in every] == [[repr(r[k]) for k in keys] for r in fourth]  # nan == nan
+    assert [r["step"] for r in fourth] == [1, 2, 3, 4, 5, 6] and [r["skipped_steps"] for r in fourth] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(fourth[2]["loss"]) and all(math.isfinite(r["grad_norm"]) for i, r in enumerate(fourth) if i != 2)
+    # The log_interval=4 run read steps 2-4 in one flush (after step 1, the first): one shared step_time.
+    assert len({r["step_time"] for r in fourth[1:4]}) == 1

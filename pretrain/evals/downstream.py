@@ -62,8 +62,12 @@ class DownstreamEval:
             self._lm = PretrainLM(model, load_tokenizer(data_dir), max_length=cfg.model.max_seq_len, device=device,
                                   batch_size=cfg.eval.batch_size)
 
+    def due(self, step: int, last: bool) -> bool:
+        """Whether maybe_run(step, last) would evaluate (the loop reads its metrics first)."""
+        return self._lm is not None and (step % self.interval == 0 or last)
+
     def maybe_run(self, step: int, last: bool) -> Optional[dict[str, float]]:
-        if self._lm is None or not (step % self.interval == 0 or last):
+        if not self.due(step, last):
             return None
         results = evaluate_tasks(self._lm, self.cfg.tasks, self.cfg.include_path, self.cfg.limit)
         return flatten(results) if results is not None else None

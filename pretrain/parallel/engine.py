@@ -18,18 +18,24 @@ from megatron.core import parallel_state
 from pretrain.config import Config
 
 
-def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: int | None = None) -> dict[str, Any]:
+    """parameters: the rank's parameter count (TP-local); buckets are capped at it, since DeepSpeed
+    allocates a whole reduce bucket however few gradients it will hold (500M elements by default:
+    2 GB per buffer for a model of a few million parameters)."""
     p = cfg.parallel
+    reduce_bucket, allgather_bucket = p.reduce_bucket_size, p.allgather_bucket_size
+    if parameters is not None:
+        reduce_bucket, allgather_bucket = min(reduce_bucket, parameters), min(allgather_bucket, parameters)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
         # Gather every parameter for compute; small params stay replicated only above this size.
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False,
-                    stage3_prefetch_bucket_size=p.allgather_bucket_size)
+                    stage3_prefetch_bucket_size=allgather_bucket)
     if p.zero_stage in (1, 2):
-        zero.update(reduce_scatter=True, allgather_bucket_size=p.allgather_bucket_size)
+        zero.update(reduce_scatter=True, allgather_bucket_size=allgather_bucket)
     if p.zero_stage > 0:
         zero.update(overlap_comm=overlap_comm(cfg), contiguous_gradients=p.contiguous_gradients,
-                    reduce_bucket_size=p.reduce_bucket_size)
+                    reduce_bucket_size=reduce_bucket)
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -41,6 +47,9 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str) -> dict[str, 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device around every
+        # micro-batch (to time it); the loop reads the device once per log interval instead.
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision == "bf16":
         # DeepSpeed would otherwise accumulate micro-batch gradients and all-reduce them in bf16
@@ -78,8 +87,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=True)
     with drop_lines(DEEPSPEED_NOISE):  # its CPU backend prints "... built successfully" on every rank
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=deepspeed_config(cfg, grad_accum, precision), mpu=MegatronMPU())
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole sizes
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
+                                               config=deepspeed_config(cfg, grad_accum, precision, parameters))
     if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
         # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every gradient
         # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
