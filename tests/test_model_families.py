@@ -96,6 +96,7 @@ def _layouts(models: dict[str, dict], tensors: dict[str, dict[str, torch.Tensor]
     from pretrain.parallel.sharding import gather, logical_names, merge_full, shard, split_full
 
     out: dict = {}
+    torch.manual_seed(0)
     for tp, sp, fused in LAYOUTS:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
@@ -103,7 +104,6 @@ def _layouts(models: dict[str, dict], tensors: dict[str, dict[str, torch.Tensor]
         group = parallel_state.get_tensor_model_parallel_group()
         for family, model_cfg in models.items():
             cfg = ModelConfig(**{**model_cfg, "fused_qkv": fused})
-            torch.manual_seed(0)
             model = GPT(cfg, sequence_parallel=sp, attention="sdpa")
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -118,12 +118,32 @@ def _layouts(models: dict[str, dict], tensors: dict[str, dict[str, torch.Tensor]
     return out if dist.get_rank() == 0 else {}
 
 
-def test_families_match_transformers_at_tp1_and_tp2_with_equal_gradients(imported) -> None:
-    from pretrain.checkpoint import read_full_tensors, read_manifest
+def _layouts_then_train(models: dict, tensors: dict, jobs: list[tuple[list[str], str]]) -> tuple[dict, list]:
+    """One pair of processes for both: starting them costs more than the checks."""
+    return _layouts(models, tensors), _train(jobs)
 
+
+@pytest.fixture(scope="module")
+def distributed(imported, tmp_path_factory) -> tuple[dict, list[torch.Tensor], Path]:
+    """Rank 0's results of _layouts and of _train (each family trained 2 steps at TP=2 from its
+    import), and the directory of the training runs."""
+    from pretrain.checkpoint import read_full_tensors, read_manifest
+    from pretrain.checkpoint.offline import model_overrides
+
+    runs = tmp_path_factory.mktemp("family-runs")
     models = {f: read_manifest(ckpt)["model"] for f, (_, ckpt, _) in imported.items()}
     tensors = {f: dict(read_full_tensors(ckpt)) for f, (_, ckpt, _) in imported.items()}
-    got = run_distributed(_layouts, 2, models, tensors)[0]
+    jobs = []
+    for family, (_, ckpt, _) in imported.items():
+        overrides = [o for o in TINY if not o.startswith("model.")] + model_overrides(models[family])
+        jobs.append(([*overrides, f"checkpoint.init_from={ckpt}", "parallel.tp=2", "parallel.zero_stage=0",
+                      "train.max_steps=2", "train.sample_tokens=0"], str(runs / f"run-{family}")))
+    layouts, trained = run_distributed(_layouts_then_train, 2, models, tensors, jobs)[0]
+    return layouts, trained, runs
+
+
+def test_families_match_transformers_at_tp1_and_tp2_with_equal_gradients(imported, distributed) -> None:
+    got = distributed[0]
     report = []
     for family, (_, _, expected) in imported.items():
         _, reference = got[(family, 1, False, True)]
@@ -165,20 +185,13 @@ def _train(jobs: list[tuple[list[str], str]]) -> list[torch.Tensor]:
     return out
 
 
-def test_families_train_at_tp2_and_export_back_to_transformers(imported, tmp_path) -> None:
-    from pretrain.checkpoint import read_manifest
-    from pretrain.checkpoint.offline import model_overrides
+def test_families_train_at_tp2_and_export_back_to_transformers(imported, distributed, tmp_path) -> None:
     from pretrain.hf import to_hf
 
-    jobs = []
-    for family, (_, ckpt, _) in imported.items():
-        overrides = [o for o in TINY if not o.startswith("model.")] + model_overrides(read_manifest(ckpt)["model"])
-        jobs.append(([*overrides, f"checkpoint.init_from={ckpt}", "parallel.tp=2", "parallel.zero_stage=0",
-                      "train.max_steps=2", "train.sample_tokens=0"], str(tmp_path / f"run-{family}")))
-    trained = run_distributed(_train, 2, jobs)[0]
+    _, trained, runs = distributed
     for (family, (model_type, _, _)), ours in zip(FAMILIES.items(), trained):
         assert (ours - imported[family][2]).abs().max().item() > 1e-4, family  # training changed the model
-        out = to_hf(tmp_path / f"run-{family}", tmp_path / f"export-{family}", with_tokenizer=False)
+        out = to_hf(runs / f"run-{family}", tmp_path / f"export-{family}", with_tokenizer=False)
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] == model_type, family
         assert config["architectures"] == [json.loads((imported[family][0] / "config.json").read_text())
