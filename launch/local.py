@@ -8,6 +8,7 @@ there. launch/slurm.py builds the same agent command for `srun`.
 from __future__ import annotations
 
 import fcntl
+import functools
 import socket
 import struct
 import sys
@@ -37,9 +38,18 @@ def agent_command(cfg: Config, plan: Plan, overrides: list[str], endpoint: str |
                     f"--rdzv_id={rdzv_id}", f"--rdzv_conf={conf}"]
         if launcher.local_addr:
             command.append(f"--local_addr={launcher.local_addr}")
-    command += [f"--max_restarts={launcher.max_restarts}", f"--shutdown_timeout={launcher.shutdown_timeout}",
-                "-m", "pretrain.train", *overrides]
-    return command
+    command.append(f"--max_restarts={launcher.max_restarts}")
+    if torchrun_accepts("--shutdown_timeout"):  # torchrun gained it after torch 2.11; older ones wait 30 s
+        command.append(f"--shutdown_timeout={launcher.shutdown_timeout}")
+    return [*command, "-m", "pretrain.train", *overrides]
+
+
+@functools.cache
+def torchrun_accepts(option: str) -> bool:
+    """Whether this torch's torchrun has `option` (the launcher runs on torch versions of several years)."""
+    from torch.distributed.run import get_args_parser
+
+    return any(option in action.option_strings for action in get_args_parser()._actions)
 
 
 def torchrun_command(cfg: Config, plan: Plan, overrides: list[str]) -> list[str]:

@@ -57,19 +57,31 @@ class Plan:
 
 
 def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[str, float]:
-    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), plus activations.
+    """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), ZeRO's
+    communication buckets, activations and the logits of the loss.
 
+    bf16 keeps, per parameter: bf16 weights (2 B), bf16 gradients (2 B) plus an fp32 gradient
+    (4 B: the accumulation dtype; ZeRO-1/2 add the fp32 partition the optimizer steps on), an fp32
+    master copy and two fp32 Adam moments (12 B). ZeRO-2/3 hold a gradient bucket of
+    parallel.reduce_bucket_size elements (two with overlap_comm), whatever the model's size.
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
     (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
-    layer's worth plus each layer's input.
+    layer's worth plus each layer's input. The loss holds the micro-batch's logits (vocab/tp per
+    token) in the compute dtype plus an fp32 copy for the softmax.
     """
     tp, z = cfg.parallel.tp, cfg.parallel.zero_stage
     p = params / tp
-    weight_bytes, grad_bytes = (2, 2) if bf16 else (4, 4)
-    optim_bytes = 12 if bf16 else 8  # fp32 master copy (bf16 only) + two Adam moments
-    weights = p * weight_bytes / (dp if z >= 3 else 1)
-    grads = p * grad_bytes / (dp if z >= 2 else 1)
-    optim = p * optim_bytes / (dp if z >= 1 else 1)
+    weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
+    if bf16:
+        grads = p * 2 / (dp if z >= 2 else 1) + p * 4 / (dp if z >= 2 else 1) + (p * 4 / dp if z in (1, 2) else 0)
+    else:
+        grads = p * 4 / (dp if z >= 2 else 1)
+    optim = p * (12 if bf16 else 8) / (dp if z >= 1 else 1)  # fp32 master (bf16 only) + two Adam moments
+    buckets = 0.0
+    if z >= 2:
+        from pretrain.parallel.engine import overlap_comm  # megatron-core loads only for ZeRO-2/3 plans
+
+        buckets = cfg.parallel.reduce_bucket_size * (2 if bf16 else 4) * (2 if overlap_comm(cfg) else 1)
     t, m = cfg.train, cfg.model
     per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
     per_layer /= tp if cfg.parallel.sequence_parallel else 1
@@ -77,9 +89,11 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
     else:
         activations = per_layer * m.num_layers
+    logits = t.seq_len * t.micro_batch_size * m.vocab_size / tp * ((2 if bf16 else 4) + 4)
     gib = 1024**3
-    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib,
-            "activations": activations / gib, "total": (weights + grads + optim + activations) / gib}
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets,
+             "activations": activations, "logits": logits}
+    return {**{k: v / gib for k, v in parts.items()}, "total": sum(parts.values()) / gib}
 
 
 def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:

@@ -53,12 +53,14 @@ def generate(logits_of: Logits, prompt: list[int], max_new_tokens: int, max_seq_
         generator = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = next_token(logits_of(ids[:, -max_seq_len:]), temperature, top_k, top_p, generator)
-        ids = torch.cat([ids, token], dim=1)
-        new.append(int(token))
-        if stop_id is not None and new[-1] == stop_id:
-            break
+    # Eager even where the blocks are compiled (model.compile): each new length would recompile them.
+    with torch.compiler.set_stance("force_eager"):
+        for _ in range(max_new_tokens):
+            token = next_token(logits_of(ids[:, -max_seq_len:]), temperature, top_k, top_p, generator)
+            ids = torch.cat([ids, token], dim=1)
+            new.append(int(token))
+            if stop_id is not None and new[-1] == stop_id:
+                break
     return new
 
 

@@ -22,6 +22,8 @@ from pretrain.model.attention import (Documents, FlexKernel, SDPAKernel, attenti
 # batch mixing both (single-document rows then take the masked path with the rest).
 ROWS = {"one-document": [[48], [48]], "several": [[10, 22, 16], [5, 15, 12, 16]],
         "mixed": [[48], [1, 30, 17]]}
+GPU_ROWS = {"one-document": [[256], [256]], "several": [[40, 88, 128], [20, 60, 48, 128]],
+            "mixed": [[256], [1, 130, 125]], "short": [[10, 22, 16], [5, 15, 12, 16]]}
 
 
 def positions(row_lengths: list[list[int]]) -> torch.Tensor:
@@ -45,9 +47,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lengths: li
     return torch.stack(rows)
 
 
-def qkv(heads: int, kv_heads: int, seq: int = 48, batch: int = 2, dtype=torch.float32, device="cpu"):
+def qkv(heads: int, kv_heads: int, seq: int = 48, batch: int = 2, dtype=torch.float32, device="cpu",
+        head_dim: int = 16):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    shapes = [(batch, seq, heads, 16), (batch, seq, kv_heads, 16), (batch, seq, kv_heads, 16)]
+    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim)]
     return [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in shapes]
 
 
@@ -68,18 +71,25 @@ def test_sdpa_matches_per_document_attention(rows: str, heads: tuple[int, int]) 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+# 128 tokens: FlexAttention's block; 48 tokens is off it, where the flex kernel takes SDPA's dense mask.
+FLEX_ROWS = {"one-document": [[128], [128]], "several": [[40, 60, 28], [20, 60, 48]], "mixed": [[128], [1, 90, 37]],
+             "off-block": ROWS["several"]}
+
+
+@pytest.mark.parametrize("rows", FLEX_ROWS, ids=list(FLEX_ROWS))
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 def test_flex_forward_matches_per_document_attention(rows: str, heads: tuple[int, int]) -> None:
     """FlexAttention's block mask (eager, as its compiled form has no CPU backward to train with)."""
     kernel = FlexKernel(compiled=False)
-    q, k, v = (t.detach() for t in qkv(*heads))
-    docs = kernel.documents(positions(ROWS[rows]), torch.device("cpu"))
-    assert (docs.block_mask is None) == (rows == "one-document")
+    lengths = FLEX_ROWS[rows]
+    q, k, v = (t.detach() for t in qkv(*heads, seq=sum(lengths[0])))
+    docs = kernel.documents(positions(lengths), torch.device("cpu"))
+    assert (docs.block_mask is not None) == (rows in ("several", "mixed"))
+    assert (docs.mask is not None) == (rows == "off-block")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
         out = kernel(q, k, v, docs)
-    torch.testing.assert_close(out, reference(q, k, v, ROWS[rows]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
 
 
 def test_document_ids_number_documents_within_each_row() -> None:
@@ -149,7 +159,7 @@ def test_backend_choice_follows_device_and_precision() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+@pytest.mark.parametrize("rows", GPU_ROWS, ids=list(GPU_ROWS))
 def test_flash_flex_and_sdpa_agree_on_cuda_in_bf16(rows: str) -> None:
     """bf16 kernels against the fp32 per-document reference, forward and gradients. Tolerances are
     bf16's: its 8-bit mantissa gives ~1e-2 relative error after a softmax and a weighted sum."""
@@ -157,9 +167,10 @@ def test_flash_flex_and_sdpa_agree_on_cuda_in_bf16(rows: str) -> None:
 
     device = torch.device("cuda")
     backends = ["sdpa", "flex"] + (["flash"] if flash_attn_available() else [])
-    q32, k32, v32 = (t.detach().requires_grad_() for t in qkv(8, 2, seq=256 if rows == "one-document" else 48,
-                                                             device=device))
-    lengths = ROWS[rows] if rows != "one-document" else [[256], [256]]
+    # A training shape (head_dim 64, 256 tokens): the compiled kernels choose their tiles for it.
+    lengths = GPU_ROWS[rows]
+    seq = sum(lengths[0])
+    q32, k32, v32 = (t.detach().requires_grad_() for t in qkv(8, 2, seq=seq, device=device, head_dim=64))
     qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q32, k32, v32))
     expected = reference(qc, kc, vc, lengths)
     grad = torch.randn_like(expected)

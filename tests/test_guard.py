@@ -123,10 +123,12 @@ def _decide_without_sync() -> dict:
     param = torch.nn.Parameter(torch.ones(64, device=device))
     optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
     snapshots = []
-    for step, loss in enumerate([2.0, 1.9, 1.8, float("nan"), 1.7]):
+    # The losses reach the device before the checked region: copying a Python number there syncs.
+    losses = torch.tensor([2.0, 1.9, 1.8, float("nan"), 1.7], device=device)
+    for step, loss in enumerate(losses):
         param.grad = torch.full_like(param, 0.5)
         torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
-        bad = guard.judge(torch.tensor(loss, device=device), 1, param.grad.norm())
+        bad = guard.judge(loss, 1, param.grad.norm())
         guard.gate(optimizer, bad)
         optimizer.step()
         torch.cuda.set_sync_debug_mode(0)

@@ -227,18 +227,32 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
         if step >= a.warmup:
             times.setdefault(name, []).append(time.perf_counter() - start)
 
+    def failed(name: str, err: Exception) -> None:
+        """A reference that fails mid-run is reported like one that cannot be built; pretrain's own failure is fatal."""
+        if name == "pretrain":
+            raise err
+        skipped[name] = f"failed while training: {type(err).__name__}: {err}".splitlines()[0][:200]
+        times.pop(name, None)
+
     if interleave:
         steps = {name: fn for name in builders if (fn := build(name)) is not None}
         for step in range(a.warmup + a.steps):
-            for name, fn in steps.items():
-                one(name, fn, step)
+            for name, fn in list(steps.items()):
+                try:
+                    one(name, fn, step)
+                except Exception as err:
+                    failed(name, err)
+                    del steps[name]
         return times, skipped
     for name in builders:
         fn = build(name)
         if fn is None:
             continue
-        for step in range(a.warmup + a.steps):
-            one(name, fn, step)
+        try:
+            for step in range(a.warmup + a.steps):
+                one(name, fn, step)
+        except Exception as err:
+            failed(name, err)
         del fn  # free its model before the next one is built
         gc.collect()
         if device.type == "cuda":

@@ -3,9 +3,11 @@
     python tools/gpu_check.py                 # about 8 minutes at most
     python tools/gpu_check.py --skip-tests    # benchmark only
 
-It runs `pytest -m gpu`, then `tools/benchmark.py --preset 1b --seq-len 2048 --precision bf16
---steps N --json` and prints the benchmark's MFU and its ratios against the references measured in
-the same run. Each part has a hard time limit; a part that fails or runs out of time is reported
+It runs `pytest -m gpu` (on several workers where pytest-xdist is installed, each test under a time
+limit where pytest-timeout is), then the README's default training job for a few steps on the GPU
+(`python -m launch`: torchrun, NCCL, bf16, compiled blocks), then `tools/benchmark.py --preset 1b
+--seq-len 2048 --precision bf16 --steps N --json`, and prints the benchmark's MFU and its ratios
+against the references measured in the same run. Each part has a hard time limit; a part that fails or runs out of time is reported
 in one line and the others still run. Exit status 0 only if every part passed.
 
 Dependencies that the machine lacks (deepspeed, megatron-core, hydra-core, webdataset) can come
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import importlib.util
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +50,12 @@ def run_part(name: str, command: list[str], timeout: float) -> tuple[bool, str]:
 
 
 def last_json(text: str) -> dict | None:
-    """The benchmark's --json object: the last line of its output that parses as a JSON object."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
+    """The benchmark's --json object: the last JSON object its output ends with (one line or indented)."""
+    lines = text.strip().splitlines()
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith("{"):
             try:
-                return json.loads(line)
+                return json.loads("\n".join(lines[start:]))
             except json.JSONDecodeError:
                 continue
     return None
@@ -73,9 +77,12 @@ def summarize(result: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--test-timeout", type=float, default=300, help="seconds for pytest -m gpu")
+    p.add_argument("--test-workers", type=int, default=4, help="pytest-xdist workers sharing the GPU (0: none)")
+    p.add_argument("--launch-timeout", type=float, default=100, help="seconds for the default training job")
+    p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
     p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
-    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-tests", action="store_true", help="skip pytest -m gpu (the job and benchmark still run)")
     a = p.parse_args(argv)
 
     try:
@@ -90,10 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_check: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}, Python {sys.version.split()[0]}", flush=True)
 
+    # One embedded corpus for the tests' workers and the training job (built once, under a file lock).
+    os.environ.setdefault("PRETRAIN_TEST_CACHE", os.path.join(tempfile.gettempdir(), "pretrain-gpu-check-cache"))
+    os.environ.setdefault("PRETRAIN_CACHE", os.environ["PRETRAIN_TEST_CACHE"])
     results: dict[str, bool] = {}
     if not a.skip_tests:
-        results["gpu tests"], _ = run_part("gpu tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu",
-                                                         "-p", "no:cacheprovider"], a.test_timeout)
+        pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
+                      "--continue-on-collection-errors"]
+        if a.test_workers and importlib.util.find_spec("xdist"):  # the tests are short; the GPU has room
+            pytest_cmd += ["-n", str(a.test_workers)]
+        if importlib.util.find_spec("pytest_timeout"):  # a hung NCCL collective fails its test, not the check
+            pytest_cmd += [f"--timeout={int(a.test_timeout * 0.8)}"]
+        results["gpu tests"], _ = run_part("gpu tests", pytest_cmd, a.test_timeout)
+    with tempfile.TemporaryDirectory() as run_dir:  # a check writes no Weights & Biases run
+        results["default job"], _ = run_part(
+            "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
+                                     f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
     bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
                  "--steps", str(a.steps), "--json"]
     ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash", "flex", "sdpa")
+FLEX_BLOCK = 128  # FlexAttention's default block: the sequence lengths its compiled kernel is used for
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,19 @@ class FlexKernel:
     def documents(self, position_ids: torch.Tensor | None, device: torch.device) -> Documents:
         if _single_document(position_ids):
             return Documents(single=True)
+        if position_ids.shape[1] % FLEX_BLOCK:
+            # Measured on an H200 with torch 2.11: compiled FlexAttention finds no kernel for 48 tokens
+            # (NoValidChoicesError) and compiles for 256 and 2048. Lengths off its 128-token block
+            # take SDPA's dense mask: correct, and such short sequences are not where time goes.
+            return SDPAKernel().documents(position_ids, device)
         return Documents(single=False, block_mask=document_block_mask(position_ids, device))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if docs.single:
             out = _gqa_sdpa(q, k, v, is_causal=True)
+        elif docs.mask is not None:
+            out = _gqa_sdpa(q, k, v, attn_mask=docs.mask)
         else:
             from torch.nn.attention.flex_attention import flex_attention
 
