@@ -35,6 +35,9 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: Optional[int] = None
     """Grouped-query attention: key/value heads shared by num_heads/num_kv_heads query heads. None = num_heads."""
+    kv_channels: Optional[int] = None
+    """Size of each attention head (megatron's name). None = hidden_size / num_heads; Qwen3-0.6B has 128
+    with hidden_size 1024 and 16 heads."""
     ffn_hidden_size: Optional[int] = None
     """SwiGLU inner size. None = 8/3 * hidden_size rounded up to a multiple of 64."""
     max_seq_len: int = 4096
@@ -52,6 +55,14 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding with the output projection."""
     init_std: float = 0.02
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2.5); o_proj and the MLP stay bias-free."""
+    qk_norm: Optional[str] = None
+    """null | head | full: RMSNorm of queries and keys before RoPE. head: over each head's vector, one gain
+    shared by all heads (Qwen3); full: over the whole q (and k) projection, one gain per channel (OLMo 2;
+    under tensor parallelism its statistics are summed across the TP ranks)."""
+    norm_placement: str = "pre"
+    """pre: x + f(norm(x)) (Llama, Qwen) | post: x + norm(f(x)), each sublayer's output normalised (OLMo 2)."""
     attention: str = "auto"
     """auto | flash | flex | sdpa. auto = flash-attn for bf16 on CUDA when the package imports; else on
     CUDA flex (FlexAttention for batches with document boundaries, SDPA's flash/cuDNN kernel for whole
@@ -72,7 +83,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
@@ -360,6 +371,7 @@ def _register() -> None:
 _CHOICES = {
     "model.attention": ("auto", "flash", "flex", "sdpa"),
     "model.activation_checkpointing": ("none", "full", "selective"),
+    "model.norm_placement": ("pre", "post"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -409,6 +421,7 @@ def _at_least(low: float, integer: bool = True) -> _Rule:
 _NUMERIC: dict[str, _Rule] = {
     "model.vocab_size": _positive(), "model.hidden_size": _positive(), "model.num_layers": _positive(),
     "model.num_heads": _positive(), "model.num_kv_heads": _positive(optional=True),
+    "model.kv_channels": _positive(optional=True),
     "model.ffn_hidden_size": _positive(optional=True), "model.max_seq_len": _positive(),
     "model.rope_theta": _Rule(0, low_open=True), "model.norm_eps": _Rule(0, low_open=True),
     "model.init_std": _Rule(0, low_open=True),
@@ -458,11 +471,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if value is None and rule.optional:
             continue
         _check(rule.holds(value), key, f"got {value!r}; {rule.text}")
-    _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
-           f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; choose a divisor")
+    _check(m.kv_channels is not None or m.hidden_size % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} heads do not divide model.hidden_size={m.hidden_size}; choose a divisor or set "
+           "model.kv_channels")
     _check(m.kv_heads > 0 and m.num_heads % m.kv_heads == 0, "model.num_kv_heads",
            f"{m.kv_heads} must divide model.num_heads={m.num_heads}")
-    _check(m.head_dim % 2 == 0, "model.num_heads", f"head size {m.head_dim} must be even for RoPE")
+    _check(m.head_dim % 2 == 0, "model.kv_channels" if m.kv_channels else "model.num_heads",
+           f"head size {m.head_dim} must be even for RoPE")
+    _check(m.qk_norm in (None, "head", "full"), "model.qk_norm", f"got {m.qk_norm!r}; allowed values: null, head, full")
     _check(t.guard.min_history <= t.guard.window, "train.guard.min_history",
            f"{t.guard.min_history} exceeds train.guard.window={t.guard.window}; lower it or raise the window")
     _check(t.seq_len <= m.max_seq_len, "train.seq_len",

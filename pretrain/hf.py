@@ -1,18 +1,28 @@
-"""Hugging Face Llama <-> our checkpoints: the library behind tools/convert_checkpoint.py.
+"""Hugging Face <-> our checkpoints: the library behind tools/convert_checkpoint.py.
 
-Our module names are Hugging Face Llama's without the `model.` prefix (pretrain/model/gpt.py) and
-our RoPE is the same rotate-half form, so conversion is renaming plus a config mapping:
+Four Hugging Face architectures are this model with some switches set (pretrain/model/gpt.py):
 
-    ours                                   Hugging Face LlamaForCausalLM
+    architecture          model_type   our switches
+    LlamaForCausalLM      llama        (none; Llama 3 RoPE scaling with model.rope_scaling=llama3)
+    Qwen2ForCausalLM      qwen2        model.qkv_bias=true                (Qwen2 and Qwen2.5)
+    Qwen3ForCausalLM      qwen3        model.qk_norm=head
+    Olmo2ForCausalLM      olmo2        model.qk_norm=full model.norm_placement=post
+
+Our module names are Hugging Face's without the `model.` prefix and our RoPE is the same
+rotate-half form, so conversion is renaming plus a config mapping:
+
+    ours                                   Hugging Face
     embed_tokens.weight                    model.embed_tokens.weight
-    layers.N.self_attn.{q,k,v,o}_proj      model.layers.N.self_attn.{q,k,v,o}_proj
+    layers.N.self_attn.{q,k,v,o}_proj      model.layers.N.self_attn.{q,k,v,o}_proj (.weight; q/k/v .bias in Qwen2)
+    layers.N.self_attn.{q,k}_norm          model.layers.N.self_attn.{q,k}_norm (Qwen3, OLMo 2)
     layers.N.mlp.{gate,up,down}_proj       model.layers.N.mlp.{gate,up,down}_proj
-    layers.N.{input,post_attention}_layernorm, norm    (same, under model.)
+    layers.N.{input,post_attention}_layernorm, norm    (same, under model.; OLMo 2: post_attention_layernorm
+                                           and post_feedforward_layernorm)
     lm_head.weight                         lm_head.weight (absent when embeddings are tied)
 
-Export writes config.json (LlamaConfig), safetensors weights and the run's tokenizer, so
-AutoTokenizer / AutoModelForCausalLM.from_pretrained(out) work. Import accepts a local
-LlamaForCausalLM directory in safetensors and writes a weights-only checkpoint at step 0.
+Export writes config.json (the architecture's config), safetensors weights and the run's tokenizer,
+so AutoTokenizer / AutoModelForCausalLM.from_pretrained(out) work. Import accepts a local directory
+of one of these architectures in safetensors and writes a weights-only checkpoint at step 0.
 DeepSpeed-native checkpoints are not read: this system never writes them.
 """
 
@@ -48,29 +58,58 @@ def from_hf_name(name: str) -> str:
     return name.removeprefix(HF_PREFIX)
 
 
-def llama_config(model: dict[str, Any], eos_id: int | None = None, dtype: str = "fp32"):
-    """A transformers LlamaConfig with our ModelConfig's sizes (a dict, as in manifests)."""
+# architecture -> (model_type, the switches of ours it implies)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "LlamaForCausalLM": ("llama", dict(qkv_bias=False, qk_norm=None, norm_placement="pre")),
+    "Qwen2ForCausalLM": ("qwen2", dict(qkv_bias=True, qk_norm=None, norm_placement="pre")),
+    "Qwen3ForCausalLM": ("qwen3", dict(qkv_bias=False, qk_norm="head", norm_placement="pre")),
+    "Olmo2ForCausalLM": ("olmo2", dict(qkv_bias=False, qk_norm="full", norm_placement="post")),
+}
+
+
+def architecture(model: dict[str, Any]) -> str:
+    """The Hugging Face architecture a model config (a dict, as in manifests) exports to."""
+    switches = dict(qkv_bias=bool(model.get("qkv_bias", False)), qk_norm=model.get("qk_norm"),
+                    norm_placement=model.get("norm_placement", "pre"))
+    for arch, (_, implied) in FAMILIES.items():
+        if implied == switches:
+            return arch
+    raise ConversionError(f"model.qkv_bias={str(switches['qkv_bias']).lower()}, model.qk_norm={switches['qk_norm']}, "
+                          f"model.norm_placement={switches['norm_placement']}: no Hugging Face architecture has "
+                          "this combination; export needs one of " + ", ".join(
+                              f"{a} ({' '.join(f'{k}={v}' for k, v in s.items())})" for a, (_, s) in FAMILIES.items()))
+
+
+def hf_config(model: dict[str, Any], eos_id: int | None = None, dtype: str = "fp32"):
+    """The transformers config (LlamaConfig, Qwen2Config, ...) for our ModelConfig (a dict, as in manifests)."""
     try:
-        from transformers import LlamaConfig
+        from transformers import AutoConfig
     except ImportError:
         raise ConversionError('exporting to Hugging Face needs transformers: pip install -e ".[hf]"') from None
 
     from pretrain.config import ModelConfig
 
+    arch = architecture(model)
+    model_type = FAMILIES[arch][0]
     cfg = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
-    return LlamaConfig(
+    extra: dict[str, Any] = {"llama": dict(attention_bias=False, mlp_bias=False),
+                             "qwen2": dict(use_sliding_window=False),
+                             "qwen3": dict(attention_bias=False, use_sliding_window=False),
+                             "olmo2": dict(attention_bias=False)}[model_type]
+    return AutoConfig.for_model(
+        model_type,
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, initializer_range=cfg.init_std,
+        initializer_range=cfg.init_std,
         rope_scaling=None if cfg.rope_scaling is None else {
             "rope_type": cfg.rope_scaling, "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_seq_len},
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
         torch_dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
-        architectures=["LlamaForCausalLM"])
+        architectures=[arch], **extra)
 
 
 def _write_hf_weights(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, dtype: torch.dtype) -> None:
@@ -101,7 +140,8 @@ def _write_hf_weights(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, dt
 
 def to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str = "fp32",
           with_tokenizer: bool = True) -> Path:
-    """Export a checkpoint (step dir, checkpoints/ dir or run dir) as a Hugging Face Llama directory.
+    """Export a checkpoint (step dir, checkpoints/ dir or run dir) as a Hugging Face directory of the
+    architecture its model switches name (Llama, Qwen2, Qwen3 or OLMo 2).
 
     The tokenizer comes from `tokenizer` (a dataset directory or tokenizer.json), else the copy in
     the checkpoint, else the dataset directory the manifest names. Refuses a non-empty out.
@@ -127,7 +167,7 @@ def _export(ckpt: Path, tmp: Path, tokenizer: str | Path | None, dtype: str, wit
         if tok.get_vocab_size() > manifest["model"]["vocab_size"]:
             raise ConversionError(f"{source}: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
                                   f"{manifest['model']['vocab_size']}; pass the run's own tokenizer")
-    llama_config(manifest["model"], eos, dtype).save_pretrained(str(tmp))
+    hf_config(manifest["model"], eos, dtype).save_pretrained(str(tmp))
     tensors = ((to_hf_name(name), value) for name, value in iter_tensors(ckpt, manifest))
     _write_hf_weights(tensors, tmp, DTYPES[dtype])
     if with_tokenizer:
@@ -153,41 +193,54 @@ def _hf_rope(config: dict[str, Any], where: Path) -> dict[str, Any]:
 
 
 def model_config_from_hf(config: dict[str, Any], where: Path) -> dict[str, Any]:
-    """Our ModelConfig (as a dict) for a Hugging Face Llama config.json; ConversionError otherwise."""
+    """Our ModelConfig (as a dict) for a Hugging Face config.json of a FAMILIES architecture; ConversionError otherwise."""
     from pretrain.config import ModelConfig
 
     archs = config.get("architectures") or []
-    if config.get("model_type") != "llama" or (archs and archs != ["LlamaForCausalLM"]):
+    model_types = {model_type: arch for arch, (model_type, _) in FAMILIES.items()}
+    arch = model_types.get(config.get("model_type"))
+    if arch is None or (archs and archs != [arch]):
         raise ConversionError(f"{where}: model_type={config.get('model_type')!r}, architectures={archs}; only "
-                              "LlamaForCausalLM checkpoints can be imported")
+                              f"{', '.join(FAMILIES)} checkpoints can be imported")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
-            raise ConversionError(f"{where}: {key}=true; our model has no biases, so this checkpoint "
-                                  "cannot be imported")
+            raise ConversionError(f"{where}: {key}=true; our model has no biases there (only on q/k/v, as "
+                                  "Qwen2 has), so this checkpoint cannot be imported")
+    if config.get("use_sliding_window"):
+        raise ConversionError(f"{where}: use_sliding_window=true; our model has no sliding-window attention")
     if config.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act={config['hidden_act']!r}; only silu (SwiGLU) is supported")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, hidden // heads) or hidden % heads:
-        raise ConversionError(f"{where}: head_dim={config.get('head_dim')} is not hidden_size/num_attention_heads "
-                              f"({hidden}/{heads}); our model derives head size from those")
+    head_dim = config.get("head_dim") or hidden // heads
     model = ModelConfig(
         name=f"hf-{Path(where).parent.name}", vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
+        kv_channels=None if head_dim * heads == hidden else head_dim,
         max_seq_len=config.get("max_position_embeddings", 4096), **_hf_rope(config, where),
         norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=config.get("initializer_range", 0.02))
+        init_std=config.get("initializer_range", 0.02), **FAMILIES[arch][1])
     return asdict(model)
+
+
+def _norm_names(model: dict[str, Any]) -> tuple[str, str]:
+    return (("post_attention_layernorm", "post_feedforward_layernorm") if model.get("norm_placement") == "post"
+            else ("input_layernorm", "post_attention_layernorm"))
 
 
 def expected_names(model: dict[str, Any]) -> list[str]:
     """Our parameter names for a model config, in the model's order."""
+    first, second = _norm_names(model)
     names = ["embed_tokens.weight"]
     for i in range(model["num_layers"]):
         p = f"layers.{i}."
-        names += [p + "input_layernorm.weight"]
+        names += [f"{p}{first}.weight"]
         names += [f"{p}self_attn.{k}_proj.weight" for k in "qkvo"]
-        names += [p + "post_attention_layernorm.weight"]
+        if model.get("qkv_bias"):
+            names += [f"{p}self_attn.{k}_proj.bias" for k in "qkv"]
+        if model.get("qk_norm"):
+            names += [f"{p}self_attn.{k}_norm.weight" for k in "qk"]
+        names += [f"{p}{second}.weight"]
         names += [f"{p}mlp.{k}_proj.weight" for k in ("gate", "up", "down")]
     names.append("norm.weight")
     if not model["tie_embeddings"]:
@@ -197,11 +250,15 @@ def expected_names(model: dict[str, Any]) -> list[str]:
 
 def expected_shape(name: str, model: dict[str, Any]) -> list[int]:
     h, v, f = model["hidden_size"], model["vocab_size"], model["ffn_hidden_size"]
-    hd = h // model["num_heads"]
+    hd = model.get("kv_channels") or h // model["num_heads"]
     q, kv = model["num_heads"] * hd, (model["num_kv_heads"] or model["num_heads"]) * hd
-    leaf = name.rsplit(".", 2)[-2]
+    module, leaf = name.rsplit(".", 2)[-2:]
+    if leaf == "bias":
+        return [q] if module == "q_proj" else [kv]
+    if module in ("q_norm", "k_norm"):
+        return [hd] if model.get("qk_norm") == "head" else [q] if module == "q_norm" else [kv]
     return {"embed_tokens": [v, h], "lm_head": [v, h], "q_proj": [q, h], "k_proj": [kv, h], "v_proj": [kv, h],
-            "o_proj": [h, q], "gate_proj": [f, h], "up_proj": [f, h], "down_proj": [h, f]}.get(leaf, [h])
+            "o_proj": [h, q], "gate_proj": [f, h], "up_proj": [f, h], "down_proj": [h, f]}.get(module, [h])
 
 
 def _hf_weight_files(hf_dir: Path) -> dict[str, Path]:
@@ -232,7 +289,7 @@ def _hf_weight_files(hf_dir: Path) -> dict[str, Path]:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Import a local Hugging Face LlamaForCausalLM directory as a weights-only checkpoint at out."""
+    """Import a local Hugging Face directory (Llama, Qwen2, Qwen3 or OLMo 2) as a weights-only checkpoint at out."""
     hf_dir, out = Path(hf_dir), Path(out)
     config_path = hf_dir / "config.json"
     try:
@@ -248,14 +305,15 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
     except ConversionError:
         raise
     except KeyError as err:
-        raise ConversionError(f"{config_path}: has no {err.args[0]!r}; not a complete Llama config") from None
+        raise ConversionError(f"{config_path}: has no {err.args[0]!r}; not a complete model config") from None
     except (TypeError, ValueError, ZeroDivisionError) as err:
         raise ConversionError(f"{config_path}: a size has the wrong type or value ({err})") from None
     files = _hf_weight_files(hf_dir)
-    biases = sorted(n for n in files if n.endswith(".bias"))
-    if biases:
-        raise ConversionError(f"{files[biases[0]]}: has bias tensors ({biases[0]}, ...); our model has no biases")
     want = expected_names(model)
+    biases = sorted(n for n in files if n.endswith(".bias") and from_hf_name(n) not in want)
+    if biases:
+        raise ConversionError(f"{files[biases[0]]}: has bias tensors ({biases[0]}, ...) that config.json does not "
+                              "imply; our model has biases only on q/k/v (Qwen2)")
     have = {from_hf_name(n): n for n in files if not n.endswith("rotary_emb.inv_freq")}
     if model["tie_embeddings"]:
         have.pop("lm_head.weight", None)  # some tied exports store the shared matrix twice

@@ -1,7 +1,7 @@
 """A trained model in one process, for the tools: from a checkpoint or a Hugging Face export.
 
 Checkpoints hold full (TP=1) tensors, so any of them loads into a single-process model; a
-Hugging Face Llama directory written by `convert_checkpoint.py to-hf` (or any compatible one)
+Hugging Face directory written by `convert_checkpoint.py to-hf` (or any Llama, Qwen2, Qwen3 or OLMo 2 one)
 loads by renaming its tensors. The model is our own GPT, so tools measure the code that trains.
 """
 

@@ -23,9 +23,9 @@ GPU_PEAK_FLOPS = {
 
 def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
     """Training FLOPs per token (PaLM, appendix B): 6N for the matmuls with the weights plus
-    12 * layers * hidden * seq for attention scores. N excludes the input embedding (a lookup)."""
+    12 * layers * (heads * head size) * seq for attention scores. N excludes the input embedding (a lookup)."""
     n = num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
-    return 6 * n + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
 def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, trials: int = 5,

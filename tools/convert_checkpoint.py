@@ -2,15 +2,18 @@
 """Convert and inspect pretrain checkpoints.
 
 Commands:
-  to-hf CKPT OUT      export as a Hugging Face Llama directory: config.json (LlamaConfig with this
+  to-hf CKPT OUT      export as a Hugging Face directory: config.json (the config of the
+                      architecture the model switches name: LlamaForCausalLM, Qwen2ForCausalLM
+                      with model.qkv_bias, Qwen3ForCausalLM with model.qk_norm=head,
+                      Olmo2ForCausalLM with model.qk_norm=full model.norm_placement=post; with this
                       model's sizes, rope_theta, rms_norm_eps, GQA heads, tied embeddings),
                       safetensors weights with `model.` prefixes and lm_head, and the run's
                       tokenizer, so that AutoTokenizer/AutoModelForCausalLM.from_pretrained(OUT)
                       work. OUT must not exist or be empty.
-  from-hf HF_DIR CKPT import a local Hugging Face LlamaForCausalLM directory (safetensors, no
-                      biases, plain RoPE) as a weights-only checkpoint at step 0 with no optimizer
-                      state. Train from it with `checkpoint.init_from=CKPT` and the model
-                      overrides this command prints.
+  from-hf HF_DIR CKPT import a local Hugging Face Llama, Qwen2/Qwen2.5, Qwen3 or OLMo 2 directory
+                      (safetensors; no sliding window, no o_proj/MLP biases; plain or Llama 3 RoPE)
+                      as a weights-only checkpoint at step 0 with no optimizer state. Train from
+                      it with `checkpoint.init_from=CKPT` and the model overrides this command prints.
   inspect CKPT        print the manifest summary: step, consumed tokens, the layout it was saved
                       from, the model, every tensor's shape and bytes, and the files.
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("to-hf", help="export a checkpoint as a Hugging Face Llama directory")
+    p = commands.add_parser("to-hf", help="export a checkpoint as a Hugging Face directory")
     p.add_argument("ckpt", metavar="CKPT", help="step directory, checkpoints/ directory or run directory")
     p.add_argument("out", metavar="OUT", help="new (or empty) output directory")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         "else the dataset directory its manifest names)")
     p.add_argument("--no-tokenizer", action="store_true", help="export weights and config only")
 
-    p = commands.add_parser("from-hf", help="import a local Hugging Face LlamaForCausalLM as a checkpoint")
+    p = commands.add_parser("from-hf", help="import a local Hugging Face Llama, Qwen2, Qwen3 or OLMo 2 model as a checkpoint")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and safetensors weights")
     p.add_argument("ckpt", metavar="CKPT", help="new (or empty) checkpoint directory to write")
 

@@ -39,7 +39,7 @@ from pretrain.files import confined, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-              "tie_embeddings")
+              "tie_embeddings", "kv_channels", "qkv_bias", "qk_norm", "norm_placement")
 TOKENIZER_FILE = "tokenizer.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state saved per parameter, as "<name>.<moment>"
 TMP_PREFIX = ".tmp-"
@@ -228,7 +228,8 @@ def effective_shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = ModelConfig(**{k: model_cfg[k] for k in SHAPE_KEYS if k in model_cfg})
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, ffn_hidden_size=cfg.ffn_size,
-                tie_embeddings=cfg.tie_embeddings)
+                tie_embeddings=cfg.tie_embeddings, kv_channels=cfg.head_dim, qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm, norm_placement=cfg.norm_placement)
 
 
 def check_model_shape(manifest: dict[str, Any], model_cfg: dict[str, Any], where: Path) -> None:

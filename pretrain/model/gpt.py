@@ -1,4 +1,6 @@
-"""A Llama-style GPT: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+"""A Llama-style GPT: RoPE, RMSNorm, SwiGLU, grouped-query attention; with the switches that make
+it Qwen2.5 (model.qkv_bias), Qwen3 (model.qk_norm=head) or OLMo 2 (model.qk_norm=full,
+model.norm_placement=post).
 
 Activations are [seq, batch, hidden] (megatron's layout, so sequence parallelism splits dim 0).
 Every linear layer comes from pretrain.parallel.layers: how the model is split over ranks is a
@@ -18,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.model.attention import AttentionKernel, Documents, attention_kernel
-from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, VocabEmbedding,
-                                      megatron_config, sum_replicated_grads_over_tp,
+from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, ShardedRMSNorm, VocabEmbedding,
+                                      mark_partial_grad, megatron_config, sum_replicated_grads_over_tp,
                                       vocab_parallel_loss)
 
 
@@ -63,14 +65,23 @@ class Attention(nn.Module):
         self.local_heads, self.local_kv_heads = cfg.num_heads // tp, cfg.kv_heads // tp
         self.gather = SequenceGather(sequence_parallel, mp)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        self.fused = cfg.fused_qkv
+        self.fused, bias = cfg.fused_qkv, cfg.qkv_bias
         if self.fused:  # one matmul for q, k and v; checkpoints still hold q_proj, k_proj, v_proj
-            self.qkv_proj = ColumnLinear(cfg.hidden_size, 0, mp, sequence_parallel,
+            self.qkv_proj = ColumnLinear(cfg.hidden_size, 0, mp, sequence_parallel, bias=bias,
                                          parts=(("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)))
         else:
-            self.q_proj = ColumnLinear(cfg.hidden_size, q_out, mp, sequence_parallel)
-            self.k_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel)
-            self.v_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel)
+            self.q_proj = ColumnLinear(cfg.hidden_size, q_out, mp, sequence_parallel, bias=bias)
+            self.k_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel, bias=bias)
+            self.v_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel, bias=bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":  # one gain over head_dim, shared by every head (and so by every TP rank)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            mark_partial_grad(self.q_norm.weight)
+            mark_partial_grad(self.k_norm.weight)
+        elif cfg.qk_norm == "full":  # over all heads, which TP splits: statistics summed over ranks
+            self.q_norm = ShardedRMSNorm(q_out, cfg.norm_eps, mp)
+            self.k_norm = ShardedRMSNorm(kv_out, cfg.norm_eps, mp)
         self.o_proj = RowLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, mp, sequence_parallel)
         self.attention = kernel
         self.recompute_core = recompute_core
@@ -83,8 +94,13 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split([q_local, kv_local, kv_local], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(s, b, self.local_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(s, b, self.local_kv_heads, self.head_dim), cos, sin)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(s, b, self.local_heads, self.head_dim)
+        k = k.view(s, b, self.local_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(s, b, self.local_kv_heads, self.head_dim)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # kernels take [b, s, heads, d]
         if self.recompute_core:  # selective recompute: keep projections, recompute scores/softmax
@@ -129,12 +145,20 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mp, sequence_parallel: bool, kernel: AttentionKernel) -> None:
         super().__init__()
         selective = cfg.activation_checkpointing == "selective"
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_norm = cfg.norm_placement == "post"
+        if not self.post_norm:
+            self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.self_attn = Attention(cfg, mp, sequence_parallel, kernel, recompute_core=selective)
+        # Pre-norm: the MLP's input norm; post-norm: the attention output's norm (Hugging Face's names).
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, mp, sequence_parallel, recompute_activation=selective)
+        if self.post_norm:
+            self.post_feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents) -> torch.Tensor:
+        if self.post_norm:  # OLMo 2: the residual stream itself is never normalised inside a block
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, docs))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -159,8 +183,8 @@ class GPT(nn.Module):
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, mp, sequence_parallel,
                                     skip_weight=cfg.tie_embeddings)
         self.recompute_blocks = cfg.activation_checkpointing == "full"
-        if sequence_parallel and mp.tensor_model_parallel_size > 1:
-            sum_replicated_grads_over_tp(self)
+        if mp.tensor_model_parallel_size > 1 and (sequence_parallel or cfg.qk_norm == "head"):
+            sum_replicated_grads_over_tp(self, sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,8 @@ def init_weights(model: nn.Module, seed: int, init_std: float, num_layers: int) 
     for name, param in model.named_parameters():
         if "norm" in name:
             full = torch.ones(full_shape(param), dtype=torch.float32)
+        elif name.endswith(".bias"):  # q/k/v biases (model.qkv_bias) start at zero
+            full = torch.zeros(full_shape(param), dtype=torch.float32)
         else:
             parts = []
             for part_name, shape in logical_shapes(name, param):  # fused q/k/v: each part as if unfused

@@ -68,19 +68,22 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig,
                  sequence_parallel: bool = False, skip_weight: bool = False,
-                 parts: tuple[tuple[str, int], ...] | None = None) -> None:
+                 parts: tuple[tuple[str, int], ...] | None = None, bias: bool = False) -> None:
         """parts: the weights this one stacks, ((name, out features), ...); each is split over TP
-        ranks on its own, so a rank's output is its slice of each part, in order."""
+        ranks on its own, so a rank's output is its slice of each part, in order. bias: a bias,
+        split over TP ranks like the output features (megatron marks it and zeroes it)."""
         if parts is not None:
             out_features = sum(rows for _, rows in parts)
         # Under sequence parallelism SequenceGather's backward already reduce-scatters the input
         # gradient, so megatron's all-reduce of it must be off.
-        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
                          gather_output=False, skip_weight_param_allocation=skip_weight,
                          disable_grad_reduce=sequence_parallel and config.tensor_model_parallel_size > 1)
         _mark_sharded(self.weight, 0)
         if parts is not None:
             mark_fused(self.weight, parts)
+            if self.bias is not None:
+                mark_fused(self.bias, parts)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x, weight=weight)[0]
@@ -119,6 +122,47 @@ class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
         return hidden
 
 
+class _SumOverTP(torch.autograd.Function):
+    """All-reduce (sum) over the TP group whose gradient is the all-reduced gradient: each rank's
+    output feeds only its own features, so d loss / d sum is the sum of the ranks' parts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=parallel_state.get_tensor_model_parallel_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _SumOverTP.apply(grad)
+
+
+class ShardedRMSNorm(torch.nn.Module):
+    """RMSNorm over features that are split over the TP group (a column-parallel layer's output, such
+    as the whole q projection in OLMo 2's QK-norm): each rank holds its slice of the gain, and the
+    sum of squares is all-reduced so every rank divides by the RMS of the full vector."""
+
+    def __init__(self, features: int, eps: float, config: ModelParallelConfig) -> None:
+        super().__init__()
+        self.tp = config.tensor_model_parallel_size
+        self.features, self.eps = features, eps
+        self.weight = torch.nn.Parameter(torch.ones(features // self.tp))
+        _mark_sharded(self.weight, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        square_sum = x32.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:
+            square_sum = _SumOverTP.apply(square_sum)
+        return (x32 * torch.rsqrt(square_sum / self.features + self.eps)).to(x.dtype) * self.weight
+
+
+def mark_partial_grad(param: torch.Tensor) -> None:
+    """A replicated parameter applied to this rank's heads only (a per-head QK-norm gain): each TP
+    rank's gradient is a partial sum, which sum_replicated_grads_over_tp completes."""
+    param.partial_grad_over_tp = True
+
+
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss from vocab-sharded logits [s, b, v/tp]; full logits are never gathered."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:  # whole vocabulary here: torch's fused kernel
@@ -127,10 +171,11 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return per_token.mean()
 
 
-def sum_replicated_grads_over_tp(model: torch.nn.Module) -> None:
+def sum_replicated_grads_over_tp(model: torch.nn.Module, sequence_parallel: bool = True) -> None:
     """Under sequence parallelism each TP rank sees only its sequence shard, so the gradients of
     replicated parameters (the norms) are partial sums: add them up across the TP group as they
-    are produced, before DeepSpeed reduces over data parallel."""
+    are produced, before DeepSpeed reduces over data parallel. Without it, only the parameters
+    marked by mark_partial_grad are partial (the full sequence, but this rank's heads)."""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
@@ -139,6 +184,9 @@ def sum_replicated_grads_over_tp(model: torch.nn.Module) -> None:
         return grad
 
     for param in model.parameters():
-        if not getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "tensor_model_parallel", False):
+            continue
+        if sequence_parallel:
             param.sequence_parallel = True
+        if sequence_parallel or getattr(param, "partial_grad_over_tp", False):
             param.register_hook(all_reduce)
