@@ -86,6 +86,14 @@ def _single_document(position_ids: torch.Tensor | None) -> bool:
     return position_ids is None or bool((position_ids[:, 1:] != 0).all())
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the device's queue: a copy from
+    pageable memory first synchronises the stream, one from pinned memory runs asynchronously."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """[b, s] number of each token's document within its row (1, 1, 2, 2, 2, 3, ...)."""
     return torch.cumsum((position_ids == 0).int(), dim=1)
@@ -109,7 +117,7 @@ class SDPAKernel:
     def documents(self, position_ids: torch.Tensor | None, device: torch.device) -> Documents:
         if _single_document(position_ids):
             return Documents(single=True)
-        docs = document_ids(position_ids.to(device))
+        docs = document_ids(to_device(position_ids, device))
         seq = docs.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
         return Documents(single=False, mask=((docs[:, :, None] == docs[:, None, :]) & causal)[:, None])
@@ -135,7 +143,7 @@ def document_block_mask(position_ids: torch.Tensor, device: torch.device):
     """FlexAttention's BlockMask for causal attention within documents: fully masked blocks are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    docs = document_ids(position_ids).to(device)
+    docs = to_device(document_ids(position_ids), device)
     batch, seq = docs.shape
 
     def document_causal(b, h, q_idx, kv_idx):
@@ -187,7 +195,7 @@ class FlashKernel:
         offsets = torch.nonzero(starts.flatten()).flatten()
         ends = torch.cat([offsets, offsets.new_tensor([batch * seq])])
         max_seqlen = int((ends[1:] - ends[:-1]).max())  # the same host sync as nonzero's
-        return Documents(single=False, cu_seqlens=ends.to(device, torch.int32, non_blocking=True),
+        return Documents(single=False, cu_seqlens=to_device(ends.to(torch.int32), device),
                          max_seqlen=max_seqlen)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
