@@ -102,6 +102,17 @@ def assert_same_batches(a, b) -> None:
         assert torch.equal(x.position_ids, y.position_ids)
 
 
+def assert_reads_then_resumes(location, reference: list, **kwargs) -> None:
+    """A loader over `location` gives the first half of `reference`; a fresh loader given its state
+    gives the second half."""
+    half = len(reference) // 2
+    loader = TokenLoader(location, **kwargs)
+    assert_same_batches(take(iter(loader), half), reference[:half])
+    resumed = TokenLoader(location, **kwargs)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(take(iter(resumed), len(reference) - half), reference[half:])
+
+
 def all_train_tokens(dataset: Path) -> np.ndarray:
     return np.concatenate([d for s in read_manifest(dataset).splits["train"] for d in shard_tokens(dataset, s.file)])
 

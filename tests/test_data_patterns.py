@@ -19,7 +19,7 @@ from pretrain.data import (
 from pretrain.data.patterns import INDEX_DIR, pattern_dataset
 from pretrain.data.shards import write_token_shards
 from pretrain.data.tokenizer import eos_id, load_tokenizer
-from tests.test_data import assert_same_batches, take
+from tests.test_data import assert_reads_then_resumes, assert_same_batches, take
 from tests.test_data_streaming import http_root  # noqa: F401  (fixture)
 
 KW = dict(split="train", seq_len=32, micro_batch_size=2, seed=4)
@@ -72,12 +72,7 @@ def test_pipe_and_http_pattern_lists_give_the_same_batches_and_resume(dataset: P
         train = [f"{http_root}/ds/{TRAIN}"]
     index = pattern_dataset(train, None, str(dataset / "tokenizer.json"), tmp_path / "idx")
     reference = take(iter(TokenLoader(dataset, dp_rank=0, dp_size=1, **KW)), 40)
-    loader = TokenLoader(index, dp_rank=0, dp_size=1, **KW)
-    it = iter(loader)
-    assert_same_batches(take(it, 20), reference[:20])
-    resumed = TokenLoader(index, dp_rank=0, dp_size=1, **KW)
-    resumed.load_state_dict(loader.state_dict())
-    assert_same_batches(take(iter(resumed), 20), reference[20:])
+    assert_reads_then_resumes(index, reference, dp_rank=0, dp_size=1, **KW)
 
 
 def _index_on_ranks(dataset: str, log: str, run_dir: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import io
-import json
 import socket
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ import webdataset as wds
 
 from pretrain.data import DatasetError, Manifest, ShardInfo, TokenizerInfo, TokenLoader, read_manifest, write_manifest
 from pretrain.data.shards import ReadOptions
-from tests.test_data import assert_same_batches, make_dataset, take
+from tests.test_data import assert_reads_then_resumes, assert_same_batches, make_dataset, take
 
 KW = dict(split="train", seq_len=32, micro_batch_size=2, seed=4)
 
@@ -66,13 +65,7 @@ def test_shards_read_through_pipe_cat_give_the_same_batches(dataset: Path, tmp_p
 
 def test_dataset_served_over_http_gives_the_same_batches_and_resumes(dataset: Path, http_root: str):
     reference = take(iter(TokenLoader(dataset, dp_rank=0, dp_size=1, **KW)), 60)
-    url = f"{http_root}/ds"
-    loader = TokenLoader(url, dp_rank=0, dp_size=1, **KW)
-    it = iter(loader)
-    assert_same_batches(take(it, 30), reference[:30])
-    resumed = TokenLoader(url, dp_rank=0, dp_size=1, **KW)
-    resumed.load_state_dict(loader.state_dict())
-    assert_same_batches(take(iter(resumed), 30), reference[30:])
+    assert_reads_then_resumes(f"{http_root}/ds", reference, dp_rank=0, dp_size=1, **KW)
 
 
 def test_unreachable_url_is_retried_with_backoff_then_named(dataset: Path):
