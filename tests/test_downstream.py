@@ -93,6 +93,23 @@ def test_adapter_matches_lm_eval_hf_model_on_the_export(exported, hf_results, la
     assert set(scores_ours) == {"downstream/python_next_line/acc", "downstream/python_next_line/acc_norm"}
 
 
+def test_evaluate_tool_scores_a_checkpoint_as_training_did(exported, tmp_path: Path) -> None:
+    """`tools/evaluate.py CKPT --tasks ...` (downstream_eval.py's path) gives the scores the loop's adapter gave."""
+    import subprocess
+    import sys
+
+    root, _, _, (_, scores) = exported
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", str(root / "run"), "--tasks", "python_next_line",
+                           "--limit", "20", "--device", "cpu", "--out", str(out)], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    written = json.loads(out.read_text())
+    assert written["step"] == 3
+    assert {k: written[k] for k in scores} == pytest.approx(scores, abs=1e-9)
+
+
 @pytest.mark.slow
 def test_default_run_beats_chance_on_python_next_line(tmp_path: Path) -> None:
     """The README's default job (2 processes, 300 steps), with the downstream evaluation at its end.

@@ -4,6 +4,10 @@
     python tools/evaluate.py runs/default                          # the run's own val split
     python tools/evaluate.py runs/default --data data/my_corpus --split val --batches 50
     python tools/evaluate.py runs/default --data notes/ README.md --json
+    python tools/evaluate.py runs/default --tasks python_next_line --limit 100   # lm-eval tasks
+
+With --tasks the checkpoint runs lm-eval tasks instead, exactly as tools/downstream_eval.py (and
+eval.downstream_interval in training) does; every other option is then downstream_eval.py's.
 
 CKPT may be a step directory, a run's checkpoints/ or run directory, or a Hugging Face export.
 --data is a dataset directory (from prepare_data.py; default: the run's own) or text/.jsonl files
@@ -29,6 +33,12 @@ import pretrain.parallel  # noqa: E402,F401  (quiets megatron-core's import warn
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--tasks" or a.startswith("--tasks=") for a in argv):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from downstream_eval import main as downstream_main
+
+        return downstream_main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint, run directory or Hugging Face directory")
     parser.add_argument("--data", nargs="+", metavar="DATASET_OR_TEXT",
