@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,13 +29,25 @@ def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, trials: int = 5,
+@functools.cache
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, max_size: int = 1024, trials: int = 5,
                            seconds: float = 0.1) -> float:
     """A CPU has no spec-sheet peak worth using: measure the matmul rate this process gets.
 
     The best of several short trials, so a moment of contention (another rank still starting up)
-    does not understate the peak and overstate MFU.
+    does not understate the peak and overstate MFU. The matrix grows from 128 up to max_size only
+    while one product stays well inside a trial: bf16 on a CPU without bf16 units takes seconds for
+    a 1024 x 1024 product, which would stall the first log line of every run. Measured once per
+    process and dtype.
     """
+    size = 128
+    while size < max_size:
+        a = torch.randn(size * 2, size * 2, dtype=dtype)
+        start = time.perf_counter()
+        a @ a
+        if time.perf_counter() - start > seconds / 20:
+            break
+        size *= 2
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     a @ b  # warm up
