@@ -20,7 +20,11 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session", autouse=True)
 def corpus_cache(tmp_path_factory) -> Path:
     """The embedded corpus is built into a session directory (shared by subprocesses via env)."""
-    cache = os.environ.get("PRETRAIN_TEST_CACHE") or str(tmp_path_factory.mktemp("corpus-cache"))
+    cache = os.environ.get("PRETRAIN_TEST_CACHE")
+    if not cache and os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for all workers (builds take a file lock)
+        cache = str(tmp_path_factory.getbasetemp().parent / "corpus-cache")
+        os.makedirs(cache, exist_ok=True)
+    cache = cache or str(tmp_path_factory.mktemp("corpus-cache"))
     os.environ["PRETRAIN_CACHE"] = cache
     return Path(cache)
 
@@ -32,3 +36,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Parallel runs (pytest-xdist, `-n 2` in pyproject.toml): every test module runs whole on one worker,
+# so its module-scoped runs happen once, and the modules that drive the machine's one SLURM
+# cluster or its fixed network namespaces run on a single worker, one after another.
+SYSTEM_MODULES = ("test_infra_netns.py", "test_infra_slurm.py", "test_multinode.py", "test_slurm_pretrain.py")
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # without pytest-xdist the suite runs serially
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "system-modules" if module.endswith(SYSTEM_MODULES) else module
+
+    def pytest_xdist_make_scheduler(config, log):
+        return ModuleScheduling(config, log)
