@@ -30,6 +30,15 @@ def corpus_cache(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Modules with `slow` runs first, then the SLURM/network-namespace group: parallel workers take
+    # modules in this order, and a long module started last would leave the other worker idle.
+    slow = {item.nodeid.split("::", 1)[0] for item in items if "slow" in item.keywords}
+
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if module in slow else 1 if module.endswith(SYSTEM_MODULES) else 2
+
+    items.sort(key=rank)  # stable: the order inside each module is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from helpers import TINY, SyntheticBatches, losses, run_distributed
 
+pytestmark = pytest.mark.slow  # one matrix of launches, a few minutes on 2 cores
 STEPS, SAVE_AT = 6, 3
 CURVE_TOL = 1e-4  # fp32 reduction-order noise over 3 steps on this model, as in test_zero.py
 # lr 1e-2 so that three steps move the loss well beyond the tolerance: a resume that lost the

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # Appended to every `python -m launch` line: Hydra lets the last value of a key win.
 SHORT = ["train.max_steps=4", "train.eval_interval=2", "train.log_interval=1", "train.sample_tokens=8",
@@ -40,6 +42,7 @@ def shell_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_walkthrough_from_own_corpus_to_hugging_face_runs_as_written(tmp_path: Path) -> None:
     block = bash_block("From your own corpus to a Hugging Face model")
     lines = [shorten(line) for line in block.splitlines() if line.strip() and not line.startswith("#")]
