@@ -83,6 +83,49 @@ def test_rope_positions_restart_per_document() -> None:
     assert not torch.allclose(rotated[6], x[6])
 
 
+# --- hand-written RoPE and RMSNorm (pretrain/model/eager_ops.py) -----------------------------
+
+def _value_and_grads(fn, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return [out.detach()] + [t.grad for t in inputs if t.requires_grad]
+
+
+def test_rotation_and_its_backward_equal_the_rotate_half_expression() -> None:
+    """Against autograd through Hugging Face's expression, x * cos + rotate_half(x) * sin, on the
+    non-contiguous q slice of a fused projection; fp32 rounding differs by an ulp or so."""
+    from pretrain.model.gpt import RotaryEmbedding, apply_rotary
+
+    cos, sin = RotaryEmbedding(head_dim=16, theta=10000.0)(packed([5, 7]))
+    projection = torch.randn(12, 1, 3 * 2 * 16, generator=torch.Generator().manual_seed(0))
+    q = projection[..., : 2 * 16].view(12, 1, 2, 16)
+    assert not q.is_contiguous()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        full_cos, full_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return x * full_cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * full_sin
+
+    for got, want in zip(_value_and_grads(lambda x: apply_rotary(x, cos, sin), q.requires_grad_()),
+                         _value_and_grads(reference, q)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_rms_norm_and_its_backward_equal_torch_rms_norm() -> None:
+    from pretrain.model.eager_ops import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, 64, generator=g)
+    weight = torch.rand(64, generator=g) + 0.5
+    results = []
+    for norm in (RMSNorm(64, eps=1e-5), torch.nn.RMSNorm(64, eps=1e-5)):
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        results.append(_value_and_grads(norm, x.requires_grad_()) + [norm.weight.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # --- grouped-query attention ----------------------------------------------------------------
 
 def test_gqa_projection_shapes() -> None:

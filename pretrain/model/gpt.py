@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.model.attention import AttentionKernel, Documents, attention_kernel
+from pretrain.model.eager_ops import RMSNorm, rotate
 from pretrain.parallel.layers import (ColumnLinear, RowLinear, SequenceGather, ShardedRMSNorm, VocabEmbedding,
                                       mark_partial_grad, megatron_config, sum_replicated_grads_over_tp,
                                       vocab_parallel_loss)
@@ -43,17 +44,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [b, s] -> cos, sin [s, b, 1, head_dim] in fp32."""
-        freqs = position_ids.t().float()[..., None] * self.inv_freq.to(position_ids.device)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        """position_ids [b, s] -> cos, sin [s, b, 1, head_dim / 2] in fp32 (one angle per dimension pair)."""
+        angles = (position_ids.t().float()[..., None] * self.inv_freq.to(position_ids.device))[:, :, None, :]
         return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Rotate-half convention (pairs dimension i with i + d/2), the same as Hugging Face's Llama.
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate-half convention (pairs dimension i with i + d/2), the same as Hugging Face's Llama."""
+    return rotate(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -75,8 +73,8 @@ class Attention(nn.Module):
             self.v_proj = ColumnLinear(cfg.hidden_size, kv_out, mp, sequence_parallel, bias=bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":  # one gain over head_dim, shared by every head (and so by every TP rank)
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
             mark_partial_grad(self.q_norm.weight)
             mark_partial_grad(self.k_norm.weight)
         elif cfg.qk_norm == "full":  # over all heads, which TP splits: statistics summed over ranks
@@ -147,13 +145,13 @@ class Block(nn.Module):
         selective = cfg.activation_checkpointing == "selective"
         self.post_norm = cfg.norm_placement == "post"
         if not self.post_norm:
-            self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.self_attn = Attention(cfg, mp, sequence_parallel, kernel, recompute_core=selective)
         # Pre-norm: the MLP's input norm; post-norm: the attention output's norm (Hugging Face's names).
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, mp, sequence_parallel, recompute_activation=selective)
         if self.post_norm:
-            self.post_feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents) -> torch.Tensor:
         if self.post_norm:  # OLMo 2: the residual stream itself is never normalised inside a block
@@ -178,7 +176,7 @@ class GPT(nn.Module):
         if compile_blocks:
             for block in self.layers:
                 block.compile()  # compiles forward in place; parameter names do not change
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.gather = SequenceGather(sequence_parallel, mp)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, mp, sequence_parallel,
                                     skip_weight=cfg.tie_embeddings)
