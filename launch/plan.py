@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.config import Config, ConfigError, ModelConfig, grad_accum_steps
+from pretrain.config import Config, ConfigError, ModelConfig, engine_zero_stage, grad_accum_steps
 
 
 def parameter_count(m: ModelConfig) -> int:
@@ -72,7 +72,7 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     layer's worth plus each layer's input. The loss holds the micro-batch's logits (vocab/tp per
     token) in the compute dtype plus an fp32 copy for the softmax.
     """
-    tp, z = cfg.parallel.tp, cfg.parallel.zero_stage
+    tp, z = cfg.parallel.tp, engine_zero_stage(cfg.parallel.zero_stage, dp, "bf16" if bf16 else "fp32")
     p = params / tp
     weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
     if bf16:
@@ -111,6 +111,7 @@ def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:
     accum = grad_accum_steps(cfg, dp)
     params = parameter_count(cfg.model)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
-    return Plan(nnodes=nnodes, nproc_per_node=nproc, tp=cfg.parallel.tp, dp=dp, zero_stage=cfg.parallel.zero_stage,
+    return Plan(nnodes=nnodes, nproc_per_node=nproc, tp=cfg.parallel.tp, dp=dp,
+                zero_stage=engine_zero_stage(cfg.parallel.zero_stage, dp, "bf16" if bf16 else "fp32"),
                 parameters=params, tokens_per_step=cfg.train.micro_batch_size * cfg.train.seq_len * accum * dp,
                 grad_accum=accum, memory_gib=estimate_memory_gib(cfg, params, dp, bf16))

@@ -554,6 +554,17 @@ def grad_accum_steps(cfg: Config, dp: int) -> int:
     return max(1, t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp))
 
 
+def engine_zero_stage(zero_stage: int, dp: int, precision: str) -> int:
+    """The ZeRO stage the engine is built with: parallel.zero_stage, except that fp32 ZeRO-1/2 with
+    one data-parallel rank runs as ZeRO-0. There is nothing to partition over one rank, yet
+    DeepSpeed's ZeRO-1/2 optimizer still copies every gradient into flat fp32 partitions and keeps
+    a second fp32 copy of the weights: on CPU that cost 24-31% of the step (tools/benchmark.py,
+    ZeRO-0 against ZeRO-1), and memory besides. Checkpoints do not depend on the stage, so a run
+    resumes at any stage and any data-parallel size. bf16 keeps its stage: only ZeRO accumulates
+    bf16 gradients in fp32."""
+    return 0 if zero_stage in (1, 2) and dp == 1 and precision == "fp32" else zero_stage
+
+
 _HYDRA_KEY = re.compile(r"Key '([^']+)' (?:is )?not in")
 
 

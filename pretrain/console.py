@@ -92,7 +92,7 @@ def data_lines(cfg: Config, data_dir: Any) -> list[str]:
     return lines
 
 
-def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str, parameters: int,
+def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str, zero_stage: int, parameters: int,
                  tokens_per_step: int, grad_accum: int, precision: str, attention: str, data_dir: Any,
                  start: str) -> StartupInfo:
     m, t = cfg.model, cfg.train
@@ -106,7 +106,9 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
         model=(f"{m.name}: {parameters / 1e6:.1f}M parameters ({embedding / 1e6:.1f}M in embeddings) | "
                f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads ({m.kv_heads} kv), "
                f"ffn {m.ffn_size}, vocab {m.vocab_size}"),
-        layout=(f"{world_size} rank(s) on {device} = tp {tp} x dp {dp} | ZeRO-{cfg.parallel.zero_stage}"
+        layout=(f"{world_size} rank(s) on {device} = tp {tp} x dp {dp} | ZeRO-{zero_stage}"
+                + (f" (parallel.zero_stage={cfg.parallel.zero_stage}: nothing to shard on one data-parallel rank)"
+                   if zero_stage != cfg.parallel.zero_stage else "")
                 + (" | sequence parallel" if cfg.parallel.sequence_parallel else "")
                 + (f" | activation checkpointing {m.activation_checkpointing}"
                    if m.activation_checkpointing != "none" else "")),

@@ -226,7 +226,7 @@ class Trainer:
             "consumed_tokens": self.step * self.tokens_per_step,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
             "data": self.loader.merge_states(dp_states), "tokenizer": {"dataset_dir": str(self.data_dir)},
-            "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.cfg.parallel.zero_stage,
+            "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.engine.zero_optimization_stage(),
                        "precision": self.precision},
         }
         start = time.perf_counter()
@@ -445,6 +445,7 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
     log(dims, describe_run(cfg, world_size=dims.world_size, tp=dims.tp, dp=dims.dp, device=dims.device.type,
+                           zero_stage=engine.zero_optimization_stage(),
                            parameters=count_parameters(model), tokens_per_step=trainer.tokens_per_step,
                            grad_accum=engine.gradient_accumulation_steps(), precision=precision, attention=backend,
                            data_dir=data_dir, start=start).block())

@@ -50,3 +50,40 @@ def test_bf16_on_cpu_follows_the_fp32_curve(reference: list[float], tmp_path) ->
     # bf16 rounds activations and weights (8-bit mantissa): close to fp32, not equal.
     assert max(abs(a - b) for a, b in zip(rank0, reference)) < 0.05
     assert rank0 != reference
+
+
+def _one_rank(stage: int, precision: str, run_dir: str) -> tuple[int, str, list[float]]:
+    from pretrain.parallel.engine import base_optimizer
+
+    records, trainer = train(TINY + [f"train.max_steps={STEPS}", f"parallel.zero_stage={stage}",
+                                     f"train.precision={precision}"], run_dir, synthetic=True)
+    return (trainer.engine.zero_optimization_stage(), type(base_optimizer(trainer.engine)).__name__, losses(records))
+
+
+def _one_rank_stages(run_dir: str) -> dict[str, tuple[int, str, list[float]]]:
+    from megatron.core import parallel_state
+
+    out = {}
+    for stage, precision in [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")]:
+        if parallel_state.model_parallel_is_initialized():  # the previous run's grid
+            parallel_state.destroy_model_parallel()
+        out[f"{stage}-{precision}"] = _one_rank(stage, precision, f"{run_dir}/{stage}-{precision}")
+    return out
+
+
+def test_fp32_zero1_and_zero2_on_one_rank_run_as_zero0(tmp_path) -> None:
+    """One data-parallel rank has nothing to partition: fp32 ZeRO-1/2 build the plain engine (no
+    flat fp32 copies of gradients and weights) and train exactly as ZeRO-0. bf16 keeps ZeRO-1,
+    which alone accumulates bf16 gradients in fp32."""
+    from launch.plan import make_plan
+    from pretrain.config import compose
+
+    runs = run_distributed(_one_rank_stages, 1, str(tmp_path))[0]
+    plain = runs["0-fp32"]
+    assert plain[0] == 0 and plain[1] == "AdamW"
+    for name in ("1-fp32", "2-fp32"):
+        assert runs[name] == plain, name  # same engine, same reduction order: bit-exact
+    assert runs["1-bf16"][0] == 1
+    plans = {stage: make_plan(compose([*TINY, f"parallel.zero_stage={stage}", "launcher.nproc_per_node=1"]))
+             for stage in (0, 1)}
+    assert plans[1].zero_stage == 0 and plans[1].memory_gib == plans[0].memory_gib

@@ -271,6 +271,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         cfg = compose(overrides(a, run_dir))
         trainer = build(cfg, batches=RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
         device, precision = trainer.dims.device, trainer.precision
+        engine_stage = trainer.engine.zero_optimization_stage()  # fp32 ZeRO-1/2 on one rank runs as ZeRO-0
         bf16 = precision == "bf16"
         backend = resolve_backend(cfg.model.attention, device, precision)
         held = [trainer]  # released once pretrain has been timed on a GPU
@@ -300,7 +301,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "model": dict(dataclasses.asdict(cfg.model), parameters=n_params),
         "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": precision, "zero_stage": a.zero_stage, "attention": backend,
+        "precision": precision, "zero_stage": a.zero_stage, "engine_zero_stage": engine_stage,
+        "attention": backend,
         "compile": bool(cfg.model.compile if cfg.model.compile is not None else
                         device.type == "cuda" and cfg.parallel.zero_stage < 3),
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
@@ -314,7 +316,9 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"model: hidden {m['hidden_size']}, layers {m['num_layers']}, heads {m['num_heads']}"
              f"/{m['num_kv_heads'] or m['num_heads']}, vocab {m['vocab_size']}, {m['parameters'] / 1e6:.1f}M params | "
              f"seq {report['seq_len']} x batch {report['batch']} | {report['device']} {report['precision']} | "
-             f"ZeRO-{report['zero_stage']} | attention {report['attention']} | compile {report['compile']} | "
+             f"ZeRO-{report['zero_stage']}"
+             + (f" (engine ZeRO-{report['engine_zero_stage']})" if report['engine_zero_stage'] != report['zero_stage']
+                else "") + f" | attention {report['attention']} | compile {report['compile']} | "
              f"{report['timing']}, median of {report['steps']} steps"]
     for name, r in report["results"].items():
         ratio = report["ratios"].get(name)

@@ -15,25 +15,28 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from pretrain.config import Config
+from pretrain.config import Config, engine_zero_stage
 
 
-def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: int | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: int | None = None,
+                     stage: int | None = None) -> dict[str, Any]:
     """parameters: the rank's parameter count (TP-local); buckets are capped at it, since DeepSpeed
     allocates a whole reduce bucket however few gradients it will hold (500M elements by default:
-    2 GB per buffer for a model of a few million parameters)."""
+    2 GB per buffer for a model of a few million parameters). stage: the ZeRO stage to build
+    (engine_zero_stage; default parallel.zero_stage)."""
     p = cfg.parallel
+    stage = p.zero_stage if stage is None else stage
     reduce_bucket, allgather_bucket = p.reduce_bucket_size, p.allgather_bucket_size
     if parameters is not None:
         reduce_bucket, allgather_bucket = min(reduce_bucket, parameters), min(allgather_bucket, parameters)
-    zero: dict[str, Any] = {"stage": p.zero_stage}
-    if p.zero_stage == 3:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         # Gather every parameter for compute; small params stay replicated only above this size.
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False,
                     stage3_prefetch_bucket_size=allgather_bucket)
-    if p.zero_stage in (1, 2):
+    if stage in (1, 2):
         zero.update(reduce_scatter=True, allgather_bucket_size=allgather_bucket)
-    if p.zero_stage > 0:
+    if stage > 0:
         zero.update(overlap_comm=overlap_comm(cfg), contiguous_gradients=p.contiguous_gradients,
                     reduce_bucket_size=reduce_bucket)
     out = {
@@ -41,7 +44,7 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: i
         "gradient_accumulation_steps": grad_accum,
         # Plain fp32 DeepSpeed (no ZeRO, no bf16) reports no gradient norm, so pretrain.train computes it
         # and clips with it (clip_grad_norm below); letting DeepSpeed clip too would compute it twice.
-        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 or precision == "bf16" else 0.0,
+        "gradient_clipping": cfg.optim.grad_clip if stage > 0 or precision == "bf16" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
@@ -56,7 +59,7 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: i
         # (8 mantissa bits: small gradients vanish in the sum). Without ZeRO it refuses fp32
         # accumulation next to bf16 weights, so stage 0 accumulates in bf16 but still reduces in fp32.
         out["communication_data_type"] = cfg.train.grad_reduce_dtype
-        if p.zero_stage > 0:
+        if stage > 0:
             out["data_types"] = {"grad_accum_dtype": cfg.train.grad_reduce_dtype}
     return out
 
@@ -88,8 +91,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
                                   eps=o.eps, fused=True)
     with drop_lines(DEEPSPEED_NOISE):  # its CPU backend prints "... built successfully" on every rank
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole sizes
+        stage = engine_zero_stage(cfg.parallel.zero_stage, parallel_state.get_data_parallel_world_size(), precision)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
-                                               config=deepspeed_config(cfg, grad_accum, precision, parameters))
+                                               config=deepspeed_config(cfg, grad_accum, precision, parameters, stage))
     if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
         # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every gradient
         # into a bucket, "all-reduce" it and copy it back, three passes over the gradients per step.
