@@ -10,9 +10,16 @@ from pretrain.config import Config, ConfigError, ModelConfig, engine_zero_stage,
 
 
 def parameter_count(m: ModelConfig) -> int:
-    attention = m.hidden_size * m.head_dim * (2 * m.num_heads + 2 * m.kv_heads)
+    q_out, kv_out = m.num_heads * m.head_dim, m.kv_heads * m.head_dim
+    attention = m.hidden_size * (2 * q_out + 2 * kv_out)
+    if m.qkv_bias:  # Qwen2.5: biases on q, k and v
+        attention += q_out + 2 * kv_out
+    if m.qk_norm == "head":  # one gain over head_dim each for q and k (Qwen3)
+        attention += 2 * m.head_dim
+    elif m.qk_norm == "full":  # gains over all of q and k (OLMo 2)
+        attention += q_out + kv_out
     mlp = 3 * m.hidden_size * m.ffn_size
-    per_layer = attention + mlp + 2 * m.hidden_size
+    per_layer = attention + mlp + 2 * m.hidden_size  # two norms per block, pre- or post-norm alike
     embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
     return embeddings + m.num_layers * per_layer + m.hidden_size
 

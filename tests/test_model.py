@@ -174,7 +174,8 @@ def test_fused_projections_compute_the_unfused_model() -> None:
 @pytest.mark.parametrize("overrides", [
     [], ["model.tie_embeddings=true"], ["model.num_kv_heads=1", "model.ffn_hidden_size=100"],
     ["model=125m", "model.num_layers=2"],  # the 125m shape (tied, MHA), fewer layers to build quickly
-], ids=["tiny", "tied", "mqa-custom-ffn", "125m-shape"])
+    ["model.qkv_bias=true"], ["model.qk_norm=head"], ["model.qk_norm=full", "model.norm_placement=post"],
+], ids=["tiny", "tied", "mqa-custom-ffn", "125m-shape", "qkv-bias", "qk-norm-head", "qk-norm-full-post"])
 def test_parameter_count_matches_the_planner(overrides: list[str]) -> None:
     from launch.plan import parameter_count
     from pretrain.model import GPT, count_parameters
