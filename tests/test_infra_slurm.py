@@ -36,6 +36,10 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `pytest` without
 from tests.infra.fixtures import slurm_cluster  # noqa: F401,E402  (pytest fixture)
 from tests.infra.slurm_cluster import ensure_slurm_cluster  # noqa: E402
 
+# Upper bounds on waits (a job to end, a signal to arrive): seconds when idle, far longer on a loaded
+# machine; a passing run never waits for them.
+WAIT, SIGNAL_WAIT = 600, 120
+
 
 def _wait_for(pred, timeout, what):
     deadline = time.monotonic() + timeout
@@ -55,7 +59,7 @@ def test_sbatch_hello(slurm_cluster, tmp_path):
     script = "#!/bin/bash\nhostname\necho args=\"$*\" env=$PT_TEST_VAR\nexit 0\n"
     job = slurm_cluster.submit(script, args=["x", "y"], env={"PT_TEST_VAR": "hello"},
                                workdir=tmp_path)
-    assert slurm_cluster.wait_for_job(job, timeout=60) == "COMPLETED"
+    assert slurm_cluster.wait_for_job(job, timeout=WAIT) == "COMPLETED"
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert slurm_cluster.node in out
     assert "args=x y env=hello" in out
@@ -117,7 +121,7 @@ def test_scancel_signal_and_scontrol_requeue(slurm_cluster, tmp_path):
 
 
 def _signal_then_requeue(slurm_cluster, job, log):
-    _wait_for(lambda: "child ready run=0" in _lines(log), 60, "job to start")
+    _wait_for(lambda: "child ready run=0" in _lines(log), WAIT, "job to start")
 
     # Plain --signal: steps only; this job has no steps, so nothing arrives.
     slurm_cluster.cancel(job, "--signal=USR1")
@@ -126,19 +130,19 @@ def _signal_then_requeue(slurm_cluster, job, log):
 
     # --batch: the batch shell's trap runs; the child does not get it.
     slurm_cluster.cancel(job, "--signal=USR1", "--batch")
-    _wait_for(lambda: "usr1 batch run=0" in _lines(log), 15, "USR1 in batch shell (--batch)")
+    _wait_for(lambda: "usr1 batch run=0" in _lines(log), SIGNAL_WAIT, "USR1 in batch shell (--batch)")
     time.sleep(1)
     assert "usr1 child run=0" not in _lines(log)
 
     # --full: batch shell and its children.
     slurm_cluster.cancel(job, "--signal=USR1", "--full")
-    _wait_for(lambda: "usr1 child run=0" in _lines(log), 15, "USR1 in child (--full)")
-    _wait_for(lambda: _lines(log).count("usr1 batch run=0") == 2, 15, "2nd USR1 in batch shell")
+    _wait_for(lambda: "usr1 child run=0" in _lines(log), SIGNAL_WAIT, "USR1 in child (--full)")
+    _wait_for(lambda: _lines(log).count("usr1 batch run=0") == 2, SIGNAL_WAIT, "2nd USR1 in batch shell")
     assert slurm_cluster.job_state(job) == "RUNNING"
 
     # External requeue: current run gets TERM, the job runs again with SLURM_RESTART_COUNT=1.
     slurm_cluster.requeue(job)
-    assert slurm_cluster.wait_for_job(job, timeout=90) == "COMPLETED"
+    assert slurm_cluster.wait_for_job(job, timeout=WAIT) == "COMPLETED"
     lines = _lines(log)
     assert "term batch run=0" in lines
     assert "start run=1 job=%d" % job in lines and "done run=1" in lines
@@ -162,7 +166,7 @@ def test_signal_before_time_limit_then_self_requeue(slurm_cluster, tmp_path):
         sbatch_args=["--time=1", "--signal=B:USR1@55", "--requeue", "--open-mode=append"],
     )
     try:
-        assert slurm_cluster.wait_for_job(job, timeout=150) == "COMPLETED"
+        assert slurm_cluster.wait_for_job(job, timeout=WAIT) == "COMPLETED"
     finally:
         slurm_cluster.cancel(job)
     lines = _lines(log)
