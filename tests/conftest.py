@@ -32,10 +32,10 @@ def corpus_cache(tmp_path_factory) -> Path:
 def pytest_collection_modifyitems(config, items):
     # Modules with `slow` runs first, then the SLURM/network-namespace group: parallel workers take
     # modules in this order, and a long module started last would leave the other worker idle.
-    slow = {item.nodeid.split("::", 1)[0] for item in items if "slow" in item.keywords}
+    slow = {module_of(item.nodeid) for item in items if "slow" in item.keywords}
 
     def rank(item) -> int:
-        module = item.nodeid.split("::", 1)[0]
+        module = module_of(item.nodeid)
         return 0 if module in slow else 1 if module.endswith(SYSTEM_MODULES) else 2
 
     items.sort(key=rank)  # stable: the order inside each module is kept
@@ -52,6 +52,10 @@ def pytest_collection_modifyitems(config, items):
 # cluster or its fixed network namespaces run on a single worker, one after another.
 SYSTEM_MODULES = ("test_infra_netns.py", "test_infra_slurm.py", "test_multinode.py", "test_slurm_pretrain.py")
 
+
+def module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
 try:
     from xdist.scheduler import LoadScopeScheduling
 except ImportError:  # without pytest-xdist the suite runs serially
@@ -60,7 +64,7 @@ except ImportError:  # without pytest-xdist the suite runs serially
 if LoadScopeScheduling is not None:
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
+            module = module_of(nodeid)
             return "system-modules" if module.endswith(SYSTEM_MODULES) else module
 
     def pytest_xdist_make_scheduler(config, log):

@@ -26,19 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def io_bytes(value: Any) -> bytes:
-    """A rank's result as plain bytes (inter-process only, never written to disk)."""
-    return pickle.dumps(value)
-
-
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     try:
-        # As bytes: a tensor put on the queue as itself travels as a file descriptor that this process
-        # must still be alive to hand over, which a loaded machine showed it sometimes no longer is.
-        queue.put((rank, "ok", io_bytes(fn(*args))))
+        # As bytes (between processes only, never on disk): a tensor put on the queue as itself travels
+        # as a file descriptor that this process must still be alive to hand over, which a loaded
+        # machine showed it sometimes no longer is.
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # report any failure, including SystemExit, to the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
