@@ -5,8 +5,10 @@ scheduler's time limit. Every rank runs its own watchdog thread: when the main l
 `beat()` for `timeout` seconds, it writes every thread's Python stack (faulthandler, which needs no
 lock the stuck thread may hold) to <run.dir>/hang-rank<R>.txt, says so on stderr and ends the
 process with EXIT_CODE, so the launcher's restart policy (launcher.max_restarts) applies. The other
-ranks stop making progress too (they wait in a collective for the hung one), so they also dump
-their stacks and exit: the files show where each rank was.
+ranks stop making progress too (they wait in a collective for the hung one), so their watchdogs
+fire within a poll or two of the first. The launcher kills every worker as soon as one exits, so a
+rank that has dumped waits EXIT_GRACE seconds before exiting: by then the others have dumped too,
+and the files show where each rank was.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import time
 from pathlib import Path
 
 EXIT_CODE = 3
+EXIT_GRACE = 10.0
+"""Seconds between a rank's dump and its exit (the other ranks' watchdogs last beat within a step's
+final collective of this one's, and poll every second)."""
 
 
 class HangWatchdog:
     def __init__(self, timeout: float, run_dir: str | Path, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
+        self.grace = min(EXIT_GRACE, timeout)
         self.path = Path(run_dir) / f"hang-rank{rank}.txt"
         self._last = time.monotonic()
         self._what = "start"
@@ -58,6 +64,7 @@ class HangWatchdog:
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         print(f"rank {self.rank}: hang detected: no step finished in {idle:.0f}s after {self._what} "
-              f"(train.hang_timeout={self.timeout:g}); stacks in {self.path}; exiting with status {EXIT_CODE}",
-              file=sys.stderr, flush=True)
+              f"(train.hang_timeout={self.timeout:g}); stacks in {self.path}; exiting with status {EXIT_CODE} "
+              f"in {self.grace:g}s", file=sys.stderr, flush=True)
+        time.sleep(self.grace)
         os._exit(EXIT_CODE)  # the main thread is stuck: nothing else would end the process
