@@ -19,6 +19,10 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
         "optim.warmup_steps=2", "train.log_interval=1000", "logging.wandb=disabled", "train.device=cpu",
         "train.precision=fp32"]
 
+# Seconds before a test calls a subprocess or rank hung. A guard, never a timing: runs that take a
+# minute on an idle 2-core machine take 5-10 times that with another CPU-heavy job beside them.
+HUNG = 1200
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +47,7 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) 
         destroy()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = HUNG) -> list[Any]:
     """Run fn(*args) on world_size gloo ranks; return the per-rank results (rank order)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

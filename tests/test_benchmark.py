@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import HUNG
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,7 +23,7 @@ def test_benchmark_json_reports_pretrain_and_every_reference() -> None:
     cmd = [sys.executable, "tools/benchmark.py", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
            "--vocab", "1024", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
            "--precision", "fp32", "--zero-stage", "1", "--json"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # stdout holds the JSON alone; logs go to stderr
     assert report["model"]["num_kv_heads"] == 2 and report["seq_len"] == 32 and report["zero_stage"] == 1

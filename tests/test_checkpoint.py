@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, run_distributed, train
+from helpers import HUNG, TINY, run_distributed, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,7 +167,7 @@ def test_train_main_reports_corrupt_checkpoints_in_one_line_and_exits_2(run: Pat
     _damage(tmp_path / "checkpoints" / "step_00000003", "corrupt-file")  # no older one to fall back to
     result = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, "parallel.zero_stage=0",
                              "train.max_steps=6", f"run.dir={tmp_path}"], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            timeout=HUNG, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if "checksum mismatch" in l]
     assert len(lines) == 1 and str(ckpt / "model-00000-of-00001.safetensors") in lines[0]
@@ -192,7 +192,7 @@ def test_kill_during_save_leaves_latest_loadable(tmp_path: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = ckpts / ".tmp-step_00000002"
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HUNG
         # The save of step 2 has begun (so step 1 is complete and `latest`) and is writing files.
         while not (partial.is_dir() and any(partial.glob("*.safetensors"))):
             assert proc.poll() is None, "training ended before the save of step 2 could be interrupted"

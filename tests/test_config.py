@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, compose, from_yaml, to_yaml
+from helpers import HUNG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def test_overrides_reach_the_config() -> None:
 def test_launch_rejects_bad_config_before_starting_workers(tmp_path: Path, override: str, key: str) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "launch", override, f"run.dir={run_dir}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr

@@ -31,6 +31,7 @@ from pretrain.data import (
 )
 from pretrain.data.packing import iter_pieces
 from pretrain.data.sampling import document_permutation, rank_shards
+from helpers import HUNG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -484,7 +485,7 @@ def test_embedded_corpus_is_built_once_under_concurrency(tmp_path: Path):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=HUNG)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [Path(outs[0]).name]

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import TINY, run_distributed
+from helpers import HUNG, TINY, run_distributed
 
 ITEMS = 12  # python_next_line items: 48 (context, choice) requests
 
@@ -102,7 +101,7 @@ def test_evaluate_tool_scores_a_checkpoint_as_training_did(exported, tmp_path: P
     out = tmp_path / "scores.json"
     proc = subprocess.run([sys.executable, "tools/evaluate.py", str(root / "run"), "--tasks", "python_next_line",
                            "--limit", "20", "--device", "cpu", "--out", str(out)], cwd=repo, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     written = json.loads(out.read_text())
     assert written["step"] == 3

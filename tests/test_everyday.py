@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import HUNG
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
          "model.vocab_size=1024", "data.embedded_vocab_size=1024", "train.seq_len=32", "train.micro_batch_size=2",
@@ -25,7 +27,7 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mod
          "optim.warmup_steps=2", "logging.wandb=disabled", "train.sample_tokens=8", "checkpoint.interval=0"]
 
 
-def tool(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def tool(name: str, *args: str, timeout: int = HUNG) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -34,7 +36,7 @@ def tool(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProce
 def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("everyday") / "run"
     proc = subprocess.run([sys.executable, "-m", "launch", *SMALL, f"run.dir={run_dir}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc
 

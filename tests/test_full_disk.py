@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY
+from helpers import HUNG, TINY
 from pretrain.checkpoint import latest_checkpoint, read_manifest
 from pretrain.checkpoint.format import verify_files
 
@@ -39,7 +39,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(small_disk: Path) -
     run_dir = small_disk / "run"
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, "train.max_steps=4", "checkpoint.interval=2",
                            "checkpoint.keep_last=0", f"run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HUNG)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("saving checkpoint")]
     assert len(errors) == 1, proc.stderr[-3000:]
@@ -56,12 +56,12 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(small_disk: Path) -
 def test_hf_export_to_a_full_disk_fails_cleanly(small_disk: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     trained = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, "train.max_steps=1", f"run.dir={run_dir}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+                             cwd=REPO, capture_output=True, text=True, timeout=HUNG)
     assert trained.returncode == 0, trained.stderr[-2000:]
     (small_disk / "filler").write_bytes(b"\0" * (4 * 1024 * 1024 - 256 * 1024))  # leave 256 KiB free
     out = small_disk / "hf"
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "to-hf", str(run_dir), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-2000:]

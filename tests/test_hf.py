@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, run_distributed
+from helpers import HUNG, TINY, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
@@ -54,7 +54,7 @@ def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*TOOL, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*TOOL, *map(str, args)], capture_output=True, text=True, timeout=HUNG)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `pytest` without `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers import HUNG  # noqa: E402
 from tests.infra import netns as netns_mod
 from tests.infra.fixtures import netns_pair  # noqa: F401  (pytest fixture)
 
@@ -69,7 +70,7 @@ def test_gloo_all_reduce_across_two_namespaces(netns_pair, tmp_path):
     outs = {}
     for name, p in (("a", host), ("b", other)):
         try:
-            outs[name], _ = p.communicate(timeout=180)
+            outs[name], _ = p.communicate(timeout=HUNG)
         except subprocess.TimeoutExpired:
             p.kill()
             outs[name] = p.communicate()[0]

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import TINY
+from helpers import HUNG, TINY
 
 import launch.__main__ as launch_main
 import launch.slurm
@@ -38,13 +38,13 @@ def test_threads_per_process_sets_the_workers_omp_threads(capsys):
 def test_dry_run_multinode_without_slurm_names_rendezvous():
     out = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "launcher.nnodes=2", "launcher.nproc_per_node=1",
                           "launcher.rdzv_endpoint=127.0.0.1:29411", "launcher.local_addr=127.0.0.1",
-                          "launcher.rdzv_timeout=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                          "launcher.rdzv_timeout=7"], capture_output=True, text=True, cwd=REPO, timeout=HUNG)
     assert out.returncode == 0, out.stderr
     assert "GLOO_SOCKET_IFNAME=lo" in out.stdout  # the interface of launcher.local_addr
     assert ("--nnodes=2 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:29411 --rdzv_id=pretrain-default "
             "--rdzv_conf=join_timeout=7,read_timeout=7,is_host=1 --local_addr=127.0.0.1") in out.stdout
     missing = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "launcher.nnodes=2"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             capture_output=True, text=True, cwd=REPO, timeout=HUNG)
     assert missing.returncode == 2 and "launcher.rdzv_endpoint" in missing.stderr
 
 
@@ -107,7 +107,7 @@ def test_elastic_restart_resumes_after_a_worker_is_killed(tmp_path):
         victims = _workers(agent.pid)
         assert len(victims) == 2, victims
         os.kill(victims[1], signal.SIGKILL)
-        assert agent.wait(timeout=240) == 0, log.read_text()[-3000:]
+        assert agent.wait(timeout=HUNG) == 0, log.read_text()[-3000:]
     finally:
         if agent.poll() is None:
             agent.kill()

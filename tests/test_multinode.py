@@ -15,7 +15,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `pytest` without `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import TINY, free_port  # noqa: E402
+from helpers import HUNG, TINY, free_port  # noqa: E402
 from tests.infra.fixtures import netns_pair  # noqa: F401,E402  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,9 +43,9 @@ def test_two_hosts_train_like_one_node(netns_pair, tmp_path):
             f"launcher.local_addr={side.addr}", "launcher.rdzv_timeout=120", f"run.dir={tmp_path / 'two-nodes'}"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     single = subprocess.run(launch("launcher.nproc_per_node=2", f"run.dir={tmp_path / 'one-node'}"),
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+                            capture_output=True, text=True, cwd=REPO, timeout=HUNG)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    outputs = {name: p.communicate(timeout=300)[0] for name, p in nodes.items()}
+    outputs = {name: p.communicate(timeout=HUNG)[0] for name, p in nodes.items()}
     for name, p in nodes.items():
         assert p.returncode == 0, f"node {name} failed:\n{outputs[name][-4000:]}"
     host_log = outputs[ns.a.name]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import HUNG
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,7 +20,7 @@ def test_plot_writes_png_of_loss_and_eval(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "loss.png"
     proc = subprocess.run([sys.executable, "tools/plot.py", str(run), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
 
@@ -26,5 +28,5 @@ def test_plot_writes_png_of_loss_and_eval(tmp_path: Path) -> None:
 def test_plot_names_a_corrupt_metrics_file(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
     proc = subprocess.run([sys.executable, "tools/plot.py", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HUNG)
     assert proc.returncode != 0 and "metrics.jsonl:2" in proc.stderr

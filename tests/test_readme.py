@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import HUNG
+
 REPO = Path(__file__).resolve().parent.parent
 # Appended to every `python -m launch` line: Hydra lets the last value of a key win.
 SHORT = ["train.max_steps=4", "train.eval_interval=2", "train.log_interval=1", "train.sample_tokens=8",
@@ -75,7 +77,7 @@ def test_quick_start_trains_the_default_job(tmp_path: Path) -> None:
     command = first.split("&&")[-1].strip()  # what follows the install
     assert command == "python -m launch"
     proc = subprocess.run(["bash", "-c", shorten(command) + f" run.dir={tmp_path}/run"], cwd=REPO, env=shell_env(),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ZeRO-1" in proc.stdout and "greedy sample after 4 steps, prompt 'def '" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()

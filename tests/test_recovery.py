@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, run_distributed
+from helpers import HUNG, TINY, run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = TINY + ["parallel.zero_stage=1", "checkpoint.interval=2", "checkpoint.keep_last=0"]
@@ -100,7 +100,7 @@ def test_keep_last_never_deletes_the_last_verified_checkpoint(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004"]
 
 
-def _launch(run_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _launch(run_dir: Path, *overrides: str, timeout: float = HUNG) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "launch", *TINY, "launcher.nproc_per_node=2",
                            f"run.dir={run_dir}", *overrides], cwd=REPO, capture_output=True, text=True,

@@ -20,7 +20,7 @@ import pytest
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `pytest` without `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import TINY  # noqa: E402
+from helpers import HUNG, TINY  # noqa: E402
 from tests.infra.fixtures import slurm_cluster  # noqa: F401,E402  (pytest fixture)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
@@ -61,7 +61,7 @@ def uninterrupted(slurm_cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("slurm-reference")
     run_dir = workdir / "run"
     proc = subprocess.run([sys.executable, "-m", "launch", "launcher=slurm", *OVERRIDES, f"run.dir={run_dir}"],
-                          cwd=workdir, capture_output=True, text=True, timeout=120)
+                          cwd=workdir, capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
     state = slurm_cluster.wait_for_job(job, timeout=WAIT)
