@@ -39,13 +39,15 @@ def join_location(location: str | Path, file: str) -> str:
     return f"{str(location).rstrip('/')}/{file}" if is_url(location) else str(Path(location) / file)
 
 
-def _read_text(location: str | Path, name: str) -> str:
+def read_location(location: str | Path) -> bytes:
+    """The bytes of a local file or of anything webdataset opens (http(s) through curl, pipe: through
+    the shell): one reader for every small file a dataset names (manifest, tokenizer)."""
     if not is_url(location):
-        return (Path(location) / name).read_text()
-    import webdataset as wds  # reads http(s) through curl, pipe: through the shell
+        return Path(location).expanduser().read_bytes()
+    import webdataset as wds
 
-    with wds.gopen(join_location(location, name), "rb") as f:
-        return f.read().decode()
+    with wds.gopen(str(location), "rb") as f:
+        return f.read()
 
 
 class DatasetError(ValueError):
@@ -124,7 +126,7 @@ def read_manifest(dataset_dir: str | Path) -> Manifest:
     if not is_url(dataset_dir) and not Path(path).is_file():
         raise DatasetError(f"{path}: manifest not found; is {dataset_dir} a dataset directory? {fix}")
     try:
-        body = json.loads(_read_text(dataset_dir, MANIFEST_NAME))
+        body = json.loads(read_location(join_location(dataset_dir, MANIFEST_NAME)))
     except OSError as e:
         raise DatasetError(f"{path}: manifest cannot be read ({e}); check the location") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

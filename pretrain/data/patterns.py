@@ -19,7 +19,8 @@ from typing import Any, Optional, Protocol
 from braceexpand import braceexpand
 
 from pretrain.data.manifest import (
-    MANIFEST_NAME, DatasetError, Manifest, ShardInfo, TokenizerInfo, is_url, read_manifest, write_manifest,
+    MANIFEST_NAME, DatasetError, Manifest, ShardInfo, TokenizerInfo, is_url, read_location, read_manifest,
+    write_manifest,
 )
 from pretrain.data.shards import ReadOptions, read_shard
 from pretrain.data.tokenizer import TOKENIZER_FILE, EOS_TOKEN, eos_id
@@ -66,19 +67,13 @@ def expand_shards(patterns: Patterns, key: str) -> list[str]:
 
 
 def _read_tokenizer(location: str) -> bytes:
-    if is_url(location):
-        import webdataset as wds
-
-        try:
-            with wds.gopen(location, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise DatasetError(f"data.tokenizer: {location} cannot be read ({e}); check the URL") from None
-    path = Path(location).expanduser()
-    if not path.is_file():
-        raise DatasetError(f"data.tokenizer: {path}: tokenizer file not found; set data.tokenizer to the "
-                           f"tokenizer.json the shards were tokenized with")
-    return path.read_bytes()
+    if not is_url(location) and not Path(location).expanduser().is_file():
+        raise DatasetError(f"data.tokenizer: {Path(location).expanduser()}: tokenizer file not found; set "
+                           f"data.tokenizer to the tokenizer.json the shards were tokenized with")
+    try:
+        return read_location(location)
+    except OSError as e:
+        raise DatasetError(f"data.tokenizer: {location} cannot be read ({e}); check the URL") from None
 
 
 def _tokenizer_info(data: bytes, location: str) -> TokenizerInfo:

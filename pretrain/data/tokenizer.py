@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from pretrain.data.manifest import MANIFEST_NAME, DatasetError, is_url, join_location, read_manifest
+from pretrain.data.manifest import MANIFEST_NAME, DatasetError, is_url, join_location, read_location, read_manifest
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -84,15 +84,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def _load_remote(location: str) -> Tokenizer:
     """The tokenizer of a dataset at a URL (manifest.json and tokenizer.json fetched through webdataset)."""
-    import webdataset as wds
-
     info = read_manifest(location).tokenizer
     if info is None:
         raise DatasetError(f"{location}: dataset records no tokenizer; pass the tokenizer explicitly")
     url = join_location(location, info.file)
     try:
-        with wds.gopen(url, "rb") as f:
-            return Tokenizer.from_str(f.read().decode())
+        return Tokenizer.from_str(read_location(url).decode())
     except Exception as e:  # an OSError from the transport or tokenizers' plain Exception
         raise DatasetError(f"{url}: tokenizer cannot be read ({e}); check the dataset location") from None
 
