@@ -10,6 +10,7 @@ import traceback
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # A model small enough that a 4-process test step takes milliseconds on 2 cores.
@@ -31,8 +32,9 @@ def free_port() -> int:
 
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
+    # Every rank, rank 0 included, joins the store run_distributed holds, as torchrun's workers join their agent's.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     try:
         # As bytes (between processes only, never on disk): a tensor put on the queue as itself travels
@@ -51,8 +53,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """Run fn(*args) on world_size gloo ranks; return the per-rank results (rank order)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    # The ranks' rendezvous store listens on a port the kernel chose and this process holds until the
+    # ranks are done. A port found free here and bound later by rank 0 could be taken in between by any
+    # process on the machine: under load, a rank's start-up takes seconds and that happened.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store.port, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -70,6 +75,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             p.join(timeout=30 if not errors else 5)
             if p.is_alive():
                 p.kill()
+        del store
     if errors:
         raise AssertionError("distributed worker failed: " + "\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import TINY, free_port
+from helpers import TINY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,7 +20,7 @@ def world_of_one():
 
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
     parallel_state.destroy_model_parallel()
