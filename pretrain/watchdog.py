@@ -22,8 +22,8 @@ from pathlib import Path
 
 EXIT_CODE = 3
 EXIT_GRACE = 10.0
-"""Seconds between a rank's dump and its exit (the other ranks' watchdogs last beat within a step's
-final collective of this one's, and poll every second)."""
+"""Seconds between a rank's dump and its exit. The other ranks last beat when the same step's final
+collective returned and their watchdogs poll every second, so they dump within this, even on a busy host."""
 
 
 class HangWatchdog:

@@ -25,8 +25,6 @@ from tests.infra.fixtures import slurm_cluster  # noqa: F401,E402  (pytest fixtu
 
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
 STEPS = 300  # ~10 s of training: long enough to be interrupted mid-run
-# Upper bound on each wait for a job: ~40 s idle, over 4 minutes with a second test suite running.
-WAIT = 1200
 # Threads per worker fixed, not derived from the node: the two jobs compared bit for bit must reduce in
 # the same order wherever SLURM places them.
 OVERRIDES = [*TINY, f"train.max_steps={STEPS}", "checkpoint.interval=50", "launcher.nproc_per_node=2",
@@ -64,7 +62,7 @@ def uninterrupted(slurm_cluster, tmp_path_factory):
                           cwd=workdir, capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
-    state = slurm_cluster.wait_for_job(job, timeout=WAIT)
+    state = slurm_cluster.wait_for_job(job, timeout=HUNG)  # ~40 s idle, over 4 minutes under load
     log = (workdir / f"pretrain-{job}.out").read_text(errors="replace")  # the script's --output=%x-%j.out
     assert state == "COMPLETED", f"job {job} ended {state}:\n{log[-4000:]}"
     return run_dir, log
@@ -86,13 +84,13 @@ def test_preempted_job_requeues_and_resumes_bit_exact(slurm_cluster, uninterrupt
     run_dir = tmp_path / "run"
     job = submit(slurm_cluster, tmp_path, run_dir)
     try:
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + HUNG
         while len(metrics(run_dir)) < 30:  # training is under way
             assert time.monotonic() < deadline, f"job {job} did not start training:\n{slurm_cluster.diagnostics()}"
             assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)
             time.sleep(0.1)
         slurm_cluster.cancel(job, "--signal=USR1", "--batch")
-        state = slurm_cluster.wait_for_job(job, timeout=WAIT)
+        state = slurm_cluster.wait_for_job(job, timeout=HUNG)
     finally:
         slurm_cluster.cancel(job)
     log = job_log(tmp_path, job)
