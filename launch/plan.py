@@ -67,37 +67,44 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     """Bytes per rank: weights, gradients and Adam state (ZeRO shards them over dp), ZeRO's
     communication buckets, activations and the logits of the loss.
 
-    bf16 keeps, per parameter: bf16 weights (2 B), bf16 gradients (2 B) plus an fp32 gradient
-    (4 B: the accumulation dtype; ZeRO-1/2 add the fp32 partition the optimizer steps on), an fp32
-    master copy and two fp32 Adam moments (12 B). fp32 keeps 4 B weights, 8 B of moments, and under
-    ZeRO an fp32 master partition too (4 B / dp) and two gradient partitions (8 B / dp).
+    bf16 comes in two modes (pretrain.precision). Under ZeRO, per parameter: bf16 weights (2 B), bf16
+    gradients (2 B) plus an fp32 gradient (4 B: the accumulation dtype; ZeRO-1/2 add the fp32
+    partition the optimizer steps on), an fp32 master copy and two fp32 Adam moments (12 B). At
+    ZeRO-0, autocast: fp32 weights, gradients and moments as in fp32, plus autocast's bf16 copy of
+    each weight (2 B), held from the weight's use in the forward to its backward (counted under
+    "casts"). fp32 keeps 4 B weights, 8 B of moments, and under ZeRO an fp32 master partition too
+    (4 B / dp) and two gradient partitions (8 B / dp).
     ZeRO-2/3 hold a gradient bucket of parallel.reduce_bucket_size elements (two with overlap_comm),
     at most the rank's parameter count. tests/test_memory_plan.py checks the fp32 terms and bf16
     ZeRO-0 against tensor bytes on CPU; tests/test_gpu.py the bf16 totals against CUDA's peak.
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
-    (no s^2 score matrix), divided by tp under sequence parallelism; full recompute keeps one
-    layer's worth plus each layer's input. The loss holds the micro-batch's logits (vocab/tp per
-    token) in the compute dtype plus an fp32 copy for the softmax.
+    (no s^2 score matrix), divided by tp under sequence parallelism; under autocast the two norms
+    of a layer keep their fp32 inputs (the residual stream stays fp32), 4*s*b*h bytes more. Full
+    recompute keeps one layer's worth plus each layer's input. The loss holds the micro-batch's
+    logits (vocab/tp per token) in the compute dtype plus an fp32 copy for the softmax.
     """
-    tp, z = cfg.parallel.tp, engine_zero_stage(cfg.parallel.zero_stage, dp, "bf16" if bf16 else "fp32")
+    tp, z = cfg.parallel.tp, engine_zero_stage(cfg.parallel.zero_stage, dp)
     p = params / tp
-    weights = p * (2 if bf16 else 4) / (dp if z >= 3 else 1)
-    if bf16:
+    weights16 = bf16 and z > 0  # pretrain.precision.bf16_weights
+    autocast = bf16 and not weights16
+    weights = p * (2 if weights16 else 4) / (dp if z >= 3 else 1)
+    casts = p * 2 if autocast else 0.0
+    if weights16:
         grads = p * 2 / (dp if z >= 2 else 1) + p * 4 / (dp if z >= 2 else 1) + (p * 4 / dp if z in (1, 2) else 0)
     elif z == 0:
         grads = p * 4
     else:  # fp32 ZeRO: the reduced gradient partition and the copy the optimizer steps on (measured on CPU)
         grads = 2 * p * 4 / dp
-    # fp32 master copy (bf16, and every ZeRO stage, which clones its partition even of fp32 weights) + two moments
-    optim = p * (12 if bf16 or z >= 1 else 8) / (dp if z >= 1 else 1)
+    # fp32 master copy (bf16 weights, and every ZeRO stage, which clones its partition even of fp32 weights) + two moments
+    optim = p * (12 if weights16 or z >= 1 else 8) / (dp if z >= 1 else 1)
     buckets = 0.0
     if z >= 2:
         from pretrain.parallel.engine import overlap_comm  # megatron-core loads only for ZeRO-2/3 plans
 
         # capped at the rank's parameters, as pretrain.parallel.engine caps the bucket it asks for
-        buckets = min(cfg.parallel.reduce_bucket_size, p) * (2 if bf16 else 4) * (2 if overlap_comm(cfg) else 1)
+        buckets = min(cfg.parallel.reduce_bucket_size, p) * (2 if weights16 else 4) * (2 if overlap_comm(cfg) else 1)
     t, m = cfg.train, cfg.model
-    per_layer = 34 * t.seq_len * t.micro_batch_size * m.hidden_size * (2 if bf16 else 4) / 2
+    per_layer = (34 * (2 if bf16 else 4) / 2 + (4 if autocast else 0)) * t.seq_len * t.micro_batch_size * m.hidden_size
     per_layer /= tp if cfg.parallel.sequence_parallel else 1
     if m.activation_checkpointing == "full":
         activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
@@ -105,7 +112,7 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         activations = per_layer * m.num_layers
     logits = t.seq_len * t.micro_batch_size * m.vocab_size / tp * ((2 if bf16 else 4) + 4)
     gib = 1024**3
-    parts = {"weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets,
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets, "casts": casts,
              "activations": activations, "logits": logits}
     return {**{k: v / gib for k, v in parts.items()}, "total": sum(parts.values()) / gib}
 
@@ -119,6 +126,6 @@ def make_plan(cfg: Config, nnodes: int | None = None) -> Plan:
     params = parameter_count(cfg.model)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
     return Plan(nnodes=nnodes, nproc_per_node=nproc, tp=cfg.parallel.tp, dp=dp,
-                zero_stage=engine_zero_stage(cfg.parallel.zero_stage, dp, "bf16" if bf16 else "fp32"),
+                zero_stage=engine_zero_stage(cfg.parallel.zero_stage, dp),
                 parameters=params, tokens_per_step=cfg.train.micro_batch_size * cfg.train.seq_len * accum * dp,
                 grad_accum=accum, memory_gib=estimate_memory_gib(cfg, params, dp, bf16))

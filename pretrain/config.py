@@ -212,10 +212,13 @@ class TrainConfig:
     """If set, grad_accum_steps is derived: global_batch_tokens / (micro_batch_size * seq_len * dp)."""
     seed: int = 1234
     precision: str = "auto"
-    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16. fp32 on CUDA uses TF32 matmuls."""
+    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16. fp32 on CUDA uses TF32 matmuls.
+    bf16 under ZeRO: bf16 weights with fp32 master partitions; at ZeRO-0 (and so on one data-parallel
+    rank): fp32 weights with the forward under autocast (pretrain.precision)."""
     grad_reduce_dtype: str = "fp32"
-    """fp32 | bf16: with bf16, the dtype gradients are accumulated over micro-batches (ZeRO 1-3; DeepSpeed
-    accumulates in bf16 at ZeRO-0) and all-reduced / reduce-scattered over data-parallel ranks in."""
+    """fp32 | bf16: with bf16, the dtype gradients are accumulated over micro-batches (ZeRO 1-3; at
+    ZeRO-0 they are fp32 gradients of fp32 weights) and all-reduced / reduce-scattered over
+    data-parallel ranks in."""
     device: str = "auto"
     """auto | cpu | cuda."""
     eval_interval: int = 50
@@ -554,15 +557,15 @@ def grad_accum_steps(cfg: Config, dp: int) -> int:
     return max(1, t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp))
 
 
-def engine_zero_stage(zero_stage: int, dp: int, precision: str) -> int:
-    """The ZeRO stage the engine is built with: parallel.zero_stage, except that fp32 ZeRO-1/2 with
-    one data-parallel rank runs as ZeRO-0. There is nothing to partition over one rank, yet
-    DeepSpeed's ZeRO-1/2 optimizer still copies every gradient into flat fp32 partitions and keeps
-    a second fp32 copy of the weights: on CPU that cost 24-31% of the step (tools/benchmark.py,
-    ZeRO-0 against ZeRO-1), and memory besides. Checkpoints do not depend on the stage, so a run
-    resumes at any stage and any data-parallel size. bf16 keeps its stage: only ZeRO accumulates
-    bf16 gradients in fp32."""
-    return 0 if zero_stage in (1, 2) and dp == 1 and precision == "fp32" else zero_stage
+def engine_zero_stage(zero_stage: int, dp: int) -> int:
+    """The ZeRO stage the engine is built with: parallel.zero_stage, except that ZeRO-1/2 with one
+    data-parallel rank run as ZeRO-0. There is nothing to partition over one rank, yet DeepSpeed's
+    ZeRO-1/2 optimizers still copy every gradient into flat fp32 buffers and keep a second fp32 copy
+    of the weights: in fp32 on CPU that cost 24-31% of the step (tools/benchmark.py, ZeRO-0 against
+    ZeRO-1), and in bf16 they read the gradient norm back to the host every step. ZeRO-0 in bf16
+    accumulates gradients in fp32 too (pretrain.precision). Checkpoints do not depend on the stage,
+    so a run resumes at any stage and any data-parallel size."""
+    return 0 if zero_stage in (1, 2) and dp == 1 else zero_stage
 
 
 _HYDRA_KEY = re.compile(r"Key '([^']+)' (?:is )?not in")

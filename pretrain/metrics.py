@@ -68,7 +68,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return value if dtype == torch.bfloat16 else value / 2  # TF32 is half the bf16 rate
         return float("nan")
-    return measure_cpu_peak_flops(dtype)
+    # A CPU without bf16 units runs bf16 products through fp32, at a rate that depends on the shape
+    # (small ones far slower): the peak is the faster of the two, or bf16 MFU could pass 100%.
+    return max(measure_cpu_peak_flops(dtype), measure_cpu_peak_flops(torch.float32))
 
 
 class MetricsWriter:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import pretrain.parallel  # noqa: F401  (first: sets DeepSpeed's accelerator, quiets megatron-core's import warnings)
 from megatron.core import parallel_state
 from pretrain import checkpoint
-from pretrain.config import Config, ConfigError, compose, grad_accum_steps, to_dict, to_yaml
+from pretrain.config import Config, ConfigError, compose, engine_zero_stage, grad_accum_steps, to_dict, to_yaml
 from pretrain.console import Progress, above_progress_bar, describe_run
 from pretrain.data import Batch, DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
 from pretrain.data.checks import check_dataset
@@ -50,7 +50,7 @@ from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, re
 from pretrain.profiling import StepProfiler
 from pretrain.evals.downstream import DownstreamEval
 from pretrain.resume import agree_on_checkpoint, trim_metrics
-from pretrain.precision import configure_matmul_precision, resolve_precision
+from pretrain.precision import autocast_dtype, configure_matmul_precision, describe_precision, resolve_precision
 from pretrain.schedule import learning_rate
 from pretrain.step_metrics import StepMetrics
 from pretrain.watchdog import HangWatchdog
@@ -424,10 +424,11 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
     # Default: compile on CUDA, except under ZeRO-3, whose parameter-gathering hooks fire inside each block.
     compile_blocks = cfg.model.compile if cfg.model.compile is not None else (
         dims.device.type == "cuda" and cfg.parallel.zero_stage < 3)
+    autocast = autocast_dtype(precision, engine_zero_stage(cfg.parallel.zero_stage, dims.dp))
     with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
                                     dims.device):
         model = GPT(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, attention=backend,
-                    on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks)
+                    on_cuda=dims.device.type == "cuda", compile_blocks=compile_blocks, autocast=autocast)
     if not any(zero3.is_partitioned(p) for p in model.parameters()):  # zero.Init placed its partitions
         model = model.to(dims.device)
     init_weights(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
@@ -447,7 +448,9 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
     log(dims, describe_run(cfg, world_size=dims.world_size, tp=dims.tp, dp=dims.dp, device=dims.device.type,
                            zero_stage=engine.zero_optimization_stage(),
                            parameters=count_parameters(model), tokens_per_step=trainer.tokens_per_step,
-                           grad_accum=engine.gradient_accumulation_steps(), precision=precision, attention=backend,
+                           grad_accum=engine.gradient_accumulation_steps(),
+                           precision=describe_precision(precision, engine.zero_optimization_stage()),
+                           attention=backend,
                            data_dir=data_dir, start=start).block())
     return trainer
 

@@ -1,9 +1,9 @@
 """bf16 checkpoints under every ZeRO stage: save, resume and `init_from` keep the fp32 master
 weights and the Adam moments, whichever DeepSpeed wrapper holds them.
 
-bf16 without ZeRO is DeepSpeed's unfused low-precision wrapper (fp32 master copies and torch's
-optimizer state keyed by them, no `_hp_mapping`); ZeRO-1 with fp32 gradient accumulation is its
-BF16 optimizer; ZeRO-2/3 its ZeRO optimizers. All four run here on CPU with gloo.
+bf16 without ZeRO is autocast over fp32 weights in the plain engine (pretrain.precision: the
+weights are their own master); ZeRO-1 with fp32 gradient accumulation is DeepSpeed's BF16
+optimizer; ZeRO-2/3 its ZeRO optimizers. All four run here on CPU with gloo, on two ranks.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_bf16_init_from_sets_the_fp32_master_weights(runs, stage: int) -> None:
 
 
 def test_bf16_wrappers_are_the_ones_named(runs) -> None:
-    """The stages above cover each of DeepSpeed's bf16 optimizer wrappers."""
-    assert runs[0]["optimizer"] == "FP16_UnfusedOptimizer"  # bf16 without ZeRO: no _hp_mapping
+    """The stages above cover the plain engine and each of DeepSpeed's bf16 optimizer wrappers."""
+    assert runs[0]["optimizer"] == "AdamW"  # bf16 without ZeRO: autocast, torch's AdamW on fp32 weights
     assert runs[1]["optimizer"] == "BF16_Optimizer"  # ZeRO-1 with fp32 gradient accumulation
     assert runs[3]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"

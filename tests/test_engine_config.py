@@ -22,10 +22,13 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default(stage: int) -
     assert ds["communication_data_type"] == "fp32"  # DeepSpeed's default would be bf16
 
 
-def test_bf16_without_zero_reduces_in_fp32_and_bf16_can_be_chosen() -> None:
+def test_bf16_without_zero_keeps_fp32_weights_and_reduces_in_fp32_and_bf16_can_be_chosen() -> None:
     ds = _ds(["parallel.zero_stage=0"], "bf16")
     assert ds["communication_data_type"] == "fp32"
-    assert "data_types" not in ds  # DeepSpeed refuses fp32 accumulation next to bf16 weights without ZeRO
+    # fp32 weights and gradients under autocast (pretrain.precision): DeepSpeed's bf16 mode stays off
+    assert ds["bf16"]["enabled"] is False and "data_types" not in ds
+    assert ds["gradient_clipping"] == 0.0  # the plain engine clips in pretrain.train, with the norm it computed
+    assert all(_ds([f"parallel.zero_stage={z}"], "bf16")["bf16"]["enabled"] for z in (1, 2, 3))
     ds = _ds(["parallel.zero_stage=2", "train.grad_reduce_dtype=bf16"], "bf16")
     assert ds["data_types"]["grad_accum_dtype"] == "bf16" and ds["communication_data_type"] == "bf16"
     assert "communication_data_type" not in _ds(["parallel.zero_stage=2"], "fp32")

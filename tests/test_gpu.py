@@ -65,8 +65,9 @@ def test_save_then_resume_in_another_zero_stage(tmp_path: Path) -> None:
     full, resumed = run_distributed(_save_then_resume, 1, str(tmp_path), ["parallel.zero_stage=1"],
                                     ["parallel.zero_stage=3"])[0]
     assert len(resumed) == 3
-    # Another stage reduces in another order; bf16 compute makes that visible, but only just.
-    assert max(abs(a - b) for a, b in zip(resumed, full[3:])) < 0.02
+    # One rank: ZeRO-1 runs as ZeRO-0, autocast over fp32 weights; ZeRO-3 keeps bf16 weights
+    # (pretrain.precision). Another precision mode rounds differently: close, not equal.
+    assert max(abs(a - b) for a, b in zip(resumed, full[3:])) < 0.05
 
 
 def _resume_only(run_dir: str, overrides: list[str]) -> list[float]:
@@ -144,7 +145,9 @@ def _peak_vs_plan(overrides: list[str], run_dir: str) -> tuple[float, dict]:
     return measured, make_plan(cfg).memory_gib
 
 
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=3"]])
+# bf16 ZeRO-0 (autocast over fp32 weights), fp32 ZeRO-0 (ZeRO-1 on one rank is ZeRO-0) and bf16 ZeRO-3.
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=0"], ["parallel.zero_stage=0", "train.precision=fp32"],
+                                    ["parallel.zero_stage=3"]])
 def test_memory_plan_matches_the_measured_peak(tmp_path: Path, layout: list[str]) -> None:
     # A model big enough that weights, optimizer state and activations dominate CUDA's own buffers.
     shape = ["model.hidden_size=1024", "model.num_layers=8", "model.num_heads=16", "model.num_kv_heads=16",

@@ -2,7 +2,8 @@
 bytes the tensors of a real run hold on CPU, component by component: weights, gradients (with
 ZeRO-3's reduce bucket) and optimizer state, within 15%, measured right before the optimizer step,
 when gradients and optimizer state are all allocated. Activations and the loss's logits are not
-compared: on CPU nothing records a peak, and by then they are freed. bf16 is checked at ZeRO-0 only:
+compared: on CPU nothing records a peak, and by then they are freed (so are autocast's bf16 weight
+copies, the plan's "casts"). bf16 is checked at ZeRO-0 only (autocast over fp32 weights):
 the bf16 ZeRO 1-3 gradient terms are fitted to CUDA's peak, which holds transient copies that a
 snapshot of live tensors does not see; tests/test_gpu.py compares those totals with CUDA's peak."""
 

@@ -249,3 +249,76 @@ def test_compiled_blocks_train_like_eager_blocks() -> None:
     eager, compiled = losses(False), losses(True)
     assert eager[2] < eager[0] - 0.01  # the steps do train, so equal curves mean equal updates
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# --- autocast (bf16 over fp32 weights) -------------------------------------------------------
+
+def _autocast_step(cfg, autocast: torch.dtype | None, compiled: bool = False):
+    """Loss and gradients of one forward/backward of the TINY-shaped model, same seed and batch."""
+    from pretrain.model import GPT, init_weights
+
+    torch._dynamo.reset()
+    model = GPT(cfg, attention="sdpa", compile_blocks=compiled, autocast=autocast)
+    init_weights(model, 1234, cfg.init_std, cfg.num_layers)
+    g = torch.Generator().manual_seed(8)
+    ids, labels = (torch.randint(0, 1024, (2, 32), generator=g) for _ in range(2))
+    loss = model(ids, labels, packed([10, 22]).expand(2, -1))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model
+
+
+@pytest.mark.parametrize("family", [(), ("model.qk_norm=head", "model.qkv_bias=true")])
+def test_autocast_runs_matmuls_in_bf16_and_keeps_weights_and_gradients_fp32(family: tuple[str, ...]) -> None:
+    """GPT(autocast=bf16), what bf16 at ZeRO-0 trains (pretrain.precision): logits come out of
+    bf16 matmuls, every weight and gradient stays fp32, and loss and gradients are the fp32
+    model's within bf16 rounding (8 mantissa bits: ~1e-2 relative, not 1e-6)."""
+    cfg = model_config(*family)
+    loss32, grads32, _ = _autocast_step(cfg, None)
+    loss16, grads16, model = _autocast_step(cfg, torch.bfloat16)
+    assert loss16 != loss32 and abs(loss16 - loss32) < 1e-2 * loss32
+    for name, grad in grads16.items():
+        assert grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
+        assert cosine > 0.99, f"{name}: gradient direction {cosine:.4f} off the fp32 model's"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
+
+
+def test_rms_norm_under_autocast_keeps_fp32_statistics() -> None:
+    """Autocast runs dot products (linalg.vecdot) in bf16, so the eager norm's statistics would lose
+    precision inside it; under autocast the norm computes in fp32 (and in the input's dtype out)."""
+    from pretrain.model.eager_ops import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)) * 3
+    want = norm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got32, got16 = norm(x), norm(x.bfloat16())
+    assert got32.dtype == torch.float32 and got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got32, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got16.float(), norm(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_compiled_blocks_under_autocast_match_eager_autocast() -> None:
+    """model.compile with bf16 at ZeRO-0: inductor fuses the same bf16 arithmetic differently, so
+    the loss and gradients agree within bf16 rounding, not bit for bit."""
+    cfg = model_config()
+    eager_loss, eager_grads, _ = _autocast_step(cfg, torch.bfloat16)
+    loss, grads, _ = _autocast_step(cfg, torch.bfloat16, compiled=True)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=1e-2)
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), eager_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+def test_a_callers_autocast_reaches_a_model_without_its_own() -> None:
+    """GPT(autocast=None) enters no autocast context, so a caller's own (tools/benchmark.py's
+    reference loop) stays in force rather than being switched off."""
+    model = build(model_config())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.float32

@@ -4,6 +4,7 @@ would give: every step's own loss, gradient norm, learning rate and guard verdic
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -75,3 +76,95 @@ def test_reading_every_step_or_every_fourth_gives_the_same_records(tmp_path) -> 
     assert math.isnan(fourth[2]["loss"]) and all(math.isfinite(r["grad_norm"]) for i, r in enumerate(fourth) if i != 2)
     # The log_interval=4 run read steps 2-4 in one flush (after step 1, the first): one shared step_time.
     assert len({r["step_time"] for r in fourth[1:4]}) == 1
+
+
+class HostReadTrap:
+    """A FaultHook (pretrain.faults) that records every read of a tensor's value by the host
+    (aten._local_scalar_dense: .item(), bool(), float()) from the loss of step `arm` to the
+    gradients of step `disarm`, steps between two metric reads, with the function that made it.
+
+    On CPU, reads cost nothing, but each is a place where a GPU run would wait for its queue;
+    tests/test_gpu.py checks the same steps under CUDA's sync debug mode where a GPU exists."""
+
+    def __init__(self, arm: int, disarm: int) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        trap = self
+
+        class Reads(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    trap.reads.append(trap.reader())
+                return func(*args, **(kwargs or {}))
+
+        self.arm, self.disarm, self.mode, self.reads = arm, disarm, Reads(), []
+
+    @staticmethod
+    def reader() -> str:
+        """The innermost caller outside torch: `path:function`, e.g. `deepspeed/runtime/utils.py:has_overflow_serial`."""
+        import traceback
+
+        root = f"{Path(__file__).resolve().parents[1]}/"
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/torch/" not in frame.filename and not frame.filename.endswith("test_step_metrics.py"):
+                return f"{frame.filename.removeprefix(root).split('site-packages/')[-1]}:{frame.name}"
+        return "?"
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == self.arm:
+            self.mode.__enter__()
+        return loss
+
+    def gradients(self, step: int, model: torch.nn.Module) -> None:
+        if step == self.disarm:
+            self.mode.__exit__(None, None, None)
+
+    def inside_step(self, step: int) -> None:
+        pass
+
+
+# Reads of tensors that live on the host by design (on a GPU run too): the stop flag, all-reduced
+# over a CPU group (pretrain.train.StopSignal), and the loader's position ids, from which attention
+# finds document boundaries (pretrain.model.attention).
+HOST_TENSOR_READERS = {"pretrain/train.py:agreed", "pretrain/model/attention.py:_single_document"}
+NO_READ_LAYOUTS = {"fp32 ZeRO-0": ["train.precision=fp32", "parallel.zero_stage=0"],
+                   "bf16 ZeRO-0": ["train.precision=bf16", "parallel.zero_stage=0"],
+                   "bf16 ZeRO-1, one rank": ["train.precision=bf16", "parallel.zero_stage=1"]}
+
+
+def _host_reads(run_dir: str) -> dict[str, tuple[str, list[str]]]:
+    from megatron.core import parallel_state
+
+    from helpers import SyntheticBatches
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    out = {}
+    for name, layout in NO_READ_LAYOUTS.items():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        # log_interval 8 with 8 steps: the metrics are read after step 1 and step 8 only.
+        cfg = compose([*TINY, *layout, "train.max_steps=8", "train.log_interval=8", "train.sample_tokens=0",
+                       "checkpoint.save_final=false", f"run.dir={run_dir}/{len(out)}"], world_size=1)
+        trap = HostReadTrap(arm=3, disarm=7)
+        trainer = build(cfg, faults=trap, batches=SyntheticBatches(cfg.model.vocab_size, cfg.train.seq_len,
+                                                                   cfg.train.micro_batch_size, [0], seed=0))
+        records = trainer.run()
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+        out[name] = (type(trainer.engine.optimizer).__name__, trap.reads)
+    return out
+
+
+def test_steps_between_metric_reads_read_no_device_value(tmp_path) -> None:
+    """Five steps (backward, guard, clipping, optimizer step, metrics, stop flag) read nothing back
+    from the training tensors, in fp32 and in bf16. DeepSpeed's bf16 optimizers read each step (its
+    ZeRO-0 wrapper: every parameter's overflow and the norm, ~150 reads for the 1b preset), which is
+    why bf16 on one data-parallel rank runs under autocast in the plain engine (pretrain.precision)."""
+    from helpers import run_distributed
+
+    runs = run_distributed(_host_reads, 1, str(tmp_path))[0]
+    for name, (optimizer, reads) in runs.items():
+        device_reads = [r for r in reads if r not in HOST_TENSOR_READERS]
+        assert not device_reads, f"{name}: the host read device values in {sorted(set(device_reads))}"
+        assert optimizer == "AdamW", f"{name}: built {optimizer}, not the plain engine"
+        assert reads, f"{name}: the trap saw no read at all (not even the stop flag's): it was not armed"

@@ -44,8 +44,11 @@ def test_gradient_accumulation_matches_the_larger_batch(reference: list[float], 
     assert max(abs(a - b) for a, b in zip(rank0, reference)) < 1e-4
 
 
-def test_bf16_on_cpu_follows_the_fp32_curve(reference: list[float], tmp_path) -> None:
-    rank0, _ = run_distributed(_train_dp, 2, 1, str(tmp_path), ("train.precision=bf16",))
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_on_cpu_follows_the_fp32_curve(stage: int, reference: list[float], tmp_path) -> None:
+    """ZeRO-0: autocast over fp32 weights, gradients all-reduced by the plain engine; ZeRO-1:
+    DeepSpeed's bf16 weights with fp32 master partitions (pretrain.precision)."""
+    rank0, _ = run_distributed(_train_dp, 2, stage, str(tmp_path), ("train.precision=bf16",))
     assert len(rank0) == STEPS
     # bf16 rounds activations and weights (8-bit mantissa): close to fp32, not equal.
     assert max(abs(a - b) for a, b in zip(rank0, reference)) < 0.05
@@ -64,17 +67,17 @@ def _one_rank_stages(run_dir: str) -> dict[str, tuple[int, str, list[float]]]:
     from megatron.core import parallel_state
 
     out = {}
-    for stage, precision in [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")]:
+    for stage, precision in [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16")]:
         if parallel_state.model_parallel_is_initialized():  # the previous run's grid
             parallel_state.destroy_model_parallel()
         out[f"{stage}-{precision}"] = _one_rank(stage, precision, f"{run_dir}/{stage}-{precision}")
     return out
 
 
-def test_fp32_zero1_and_zero2_on_one_rank_run_as_zero0(tmp_path) -> None:
-    """One data-parallel rank has nothing to partition: fp32 ZeRO-1/2 build the plain engine (no
-    flat fp32 copies of gradients and weights) and train exactly as ZeRO-0. bf16 keeps ZeRO-1,
-    which alone accumulates bf16 gradients in fp32."""
+def test_zero1_and_zero2_on_one_rank_run_as_zero0(tmp_path) -> None:
+    """One data-parallel rank has nothing to partition: ZeRO-1/2 build the plain engine (no flat
+    fp32 copies of gradients and weights) and train exactly as ZeRO-0, in fp32 and in bf16 (which
+    there runs under autocast over fp32 weights, so its gradients are fp32 too)."""
     from launch.plan import make_plan
     from pretrain.config import compose
 
@@ -83,7 +86,13 @@ def test_fp32_zero1_and_zero2_on_one_rank_run_as_zero0(tmp_path) -> None:
     assert plain[0] == 0 and plain[1] == "AdamW"
     for name in ("1-fp32", "2-fp32"):
         assert runs[name] == plain, name  # same engine, same reduction order: bit-exact
-    assert runs["1-bf16"][0] == 1
-    plans = {stage: make_plan(compose([*TINY, f"parallel.zero_stage={stage}", "launcher.nproc_per_node=1"]))
-             for stage in (0, 1)}
-    assert plans[1].zero_stage == 0 and plans[1].memory_gib == plans[0].memory_gib
+    autocast = runs["0-bf16"]
+    assert autocast[0] == 0 and autocast[1] == "AdamW"
+    for name in ("1-bf16", "2-bf16"):
+        assert runs[name] == autocast, name
+    # bf16 matmuls: near the fp32 losses, not equal to them
+    assert autocast[2] != plain[2] and max(abs(a - b) for a, b in zip(autocast[2], plain[2])) < 0.05
+    for precision in ("fp32", "bf16"):
+        plans = {stage: make_plan(compose([*TINY, f"parallel.zero_stage={stage}", "launcher.nproc_per_node=1",
+                                           f"train.precision={precision}"])) for stage in (0, 1)}
+        assert plans[1].zero_stage == 0 and plans[1].memory_gib == plans[0].memory_gib

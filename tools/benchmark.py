@@ -271,7 +271,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         cfg = compose(overrides(a, run_dir))
         trainer = build(cfg, batches=RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
         device, precision = trainer.dims.device, trainer.precision
-        engine_stage = trainer.engine.zero_optimization_stage()  # fp32 ZeRO-1/2 on one rank runs as ZeRO-0
+        engine_stage = trainer.engine.zero_optimization_stage()  # ZeRO-1/2 on one rank run as ZeRO-0
         bf16 = precision == "bf16"
         backend = resolve_backend(cfg.model.attention, device, precision)
         held = [trainer]  # released once pretrain has been timed on a GPU

@@ -1,18 +1,15 @@
 """Read and write one parameter's full fp32 value and Adam moments under any ZeRO stage.
 
-Three cases, by what holds the fp32 master weights and the Adam state:
-- ZeRO 1-3 (and bf16 with ZeRO-1): DeepSpeed's partitions, reached through its safe_{get,set}_full_*
-  functions (the parameter has `ds_id` or `_hp_mapping`);
-- bf16 without ZeRO: DeepSpeed's unfused low-precision wrapper keeps one fp32 master tensor per
-  parameter (no `_hp_mapping`), and torch's optimizer state is keyed by that master;
-- fp32 without ZeRO: the parameter itself and torch's optimizer state.
+Two cases, by what holds the fp32 master weights and the Adam state:
+- ZeRO 1-3 (bf16 weights, or fp32 under ZeRO): DeepSpeed's partitions, reached through its
+  safe_{get,set}_full_* functions (the parameter has `ds_id` or `_hp_mapping`);
+- ZeRO-0, fp32 or bf16 autocast (pretrain.precision): the fp32 parameter itself and torch's
+  optimizer state.
 Values are returned on the device they live on (a GPU under NCCL) and are TP-local:
 pretrain.parallel.sharding turns them into full tensors and back.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
@@ -23,41 +20,18 @@ from pretrain.parallel.engine import base_optimizer
 from pretrain.parallel.zero3 import is_partitioned, write_partition
 
 __all__ = ["MOMENTS", "get_param", "get_moment", "set_param", "set_moment", "optimizer_step", "set_optimizer_step",
-           "materialize_optimizer_state", "master_param"]
-
-_MASTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # wrapper -> {id(param): master}
-
-
-def master_param(engine, param: torch.nn.Parameter) -> torch.Tensor | None:
-    """The fp32 master copy that DeepSpeed's unfused low-precision wrapper (bf16 without ZeRO)
-    steps instead of `param`, or None under any other optimizer.
-
-    The wrapper lists the model's parameters in `fp16_groups` and their fp32 copies, which its
-    base optimizer owns, at the same positions in `fp32_groups`.
-    """
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    wrapper = engine.optimizer
-    if not isinstance(wrapper, FP16_UnfusedOptimizer):
-        return None
-    if wrapper not in _MASTERS:
-        _MASTERS[wrapper] = {id(lp): hp for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups)
-                             for lp, hp in zip(lp_group, hp_group)}
-    return _MASTERS[wrapper].get(id(param))
+           "materialize_optimizer_state"]
 
 
 def get_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
     value = safe_get_full_fp32_param(param)
-    if value is None:
-        value = master_param(engine, param)
     return (value if value is not None else param.detach()).float()
 
 
 def get_moment(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     value = safe_get_full_optimizer_state(param, key)
     if value is None:
-        master = master_param(engine, param)
-        value = base_optimizer(engine).state[master if master is not None else param][key]
+        value = base_optimizer(engine).state[param][key]
     return value.float()
 
 
@@ -71,9 +45,6 @@ def set_param(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         return
     if hasattr(param, "_hp_mapping"):
         safe_set_full_fp32_param(param, value)
-    master = master_param(engine, param)
-    if master is not None:
-        master.data.copy_(value)
     param.data.copy_(value.to(param.dtype))
 
 
@@ -82,8 +53,7 @@ def set_moment(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor)
     if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
         safe_set_full_optimizer_state(param, value, key)
     else:
-        master = master_param(engine, param)
-        base_optimizer(engine).state[master if master is not None else param][key].copy_(value)
+        base_optimizer(engine).state[param][key].copy_(value)
 
 
 def optimizer_step(engine) -> int:

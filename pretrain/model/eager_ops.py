@@ -48,11 +48,15 @@ class _Rotate(torch.autograd.Function):
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameter, same state-dict name) with a two-pass backward for fp32 inputs
-    outside torch.compile; other dtypes and compiled code take nn.RMSNorm's own path."""
+    outside torch.compile and autocast; other dtypes, compiled code and autocast take nn.RMSNorm's
+    own path (autocast would run the statistics' dot products in bf16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and x.dtype != self.weight.dtype:  # autocast: 16-bit q or k, fp32 gain
+            return super().forward(x.float()).to(x.dtype)
         if (torch.compiler.is_compiling() or x.dtype != torch.float32 or self.weight is None
-                or self.weight.dtype != torch.float32 or self.eps is None):
+                or self.weight.dtype != torch.float32 or self.eps is None
+                or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x)
         return _RMSNorm.apply(x, self.weight, self.eps)
 

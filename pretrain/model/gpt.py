@@ -100,6 +100,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(s, b, self.local_kv_heads, self.head_dim)
+        # Under autocast a norm's fp32 gain makes q and k fp32; the kernels take one (16-bit) dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # kernels take [b, s, heads, d]
         if self.recompute_core:  # selective recompute: keep projections, recompute scores/softmax
             out = checkpoint(self.attention, q, k, v, docs, use_reentrant=False)
@@ -163,11 +165,14 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, attention: str | AttentionKernel = "sdpa",
-                 on_cuda: bool = False, compile_blocks: bool = False) -> None:
+                 on_cuda: bool = False, compile_blocks: bool = False, autocast: torch.dtype | None = None) -> None:
         """attention: a resolved backend name (pretrain.model.attention.resolve_backend) or a kernel;
-        compile_blocks: torch.compile each block (the model itself stays an nn.Module)."""
+        compile_blocks: torch.compile each block (the model itself stays an nn.Module); autocast:
+        run the forward under torch.autocast to this dtype (fp32 weights, 16-bit matmuls and
+        attention; pretrain.precision.autocast_dtype), for every caller: training, eval, generation."""
         super().__init__()
         self.cfg = cfg
+        self.autocast = autocast
         mp = megatron_config(on_cuda)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mp, sequence_parallel)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg)
@@ -187,6 +192,13 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s] -> mean loss against labels, or vocab-sharded logits [b, s, v/tp]."""
+        if self.autocast is None:  # no context at all: a caller's own autocast stays in force
+            return self._forward(input_ids, labels, position_ids)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast):
+            return self._forward(input_ids, labels, position_ids)
+
+    def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                 position_ids: torch.Tensor | None) -> torch.Tensor:
         device = input_ids.device
         # Document boundaries once per batch, for every layer (from the host copy if it is one).
         docs = self.kernel.documents(position_ids, device)

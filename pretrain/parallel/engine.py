@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain.config import Config, engine_zero_stage
+from pretrain.precision import bf16_weights
 
 
 def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: int | None = None,
@@ -42,11 +43,12 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: i
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        # Plain fp32 DeepSpeed (no ZeRO, no bf16) reports no gradient norm, so pretrain.train computes it
-        # and clips with it (clip_grad_norm below); letting DeepSpeed clip too would compute it twice.
-        "gradient_clipping": cfg.optim.grad_clip if stage > 0 or precision == "bf16" else 0.0,
+        # Plain DeepSpeed (no ZeRO) reports no gradient norm, so pretrain.train computes it and clips
+        # with it (clip_grads below); letting DeepSpeed clip too would compute it twice.
+        "gradient_clipping": cfg.optim.grad_clip if stage > 0 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 weights under ZeRO only; ZeRO-0 keeps fp32 weights and autocasts (pretrain.precision).
+        "bf16": {"enabled": bf16_weights(precision, stage)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -56,8 +58,8 @@ def deepspeed_config(cfg: Config, grad_accum: int, precision: str, parameters: i
     }
     if precision == "bf16":
         # DeepSpeed would otherwise accumulate micro-batch gradients and all-reduce them in bf16
-        # (8 mantissa bits: small gradients vanish in the sum). Without ZeRO it refuses fp32
-        # accumulation next to bf16 weights, so stage 0 accumulates in bf16 but still reduces in fp32.
+        # (8 mantissa bits: small gradients vanish in the sum). ZeRO-0's gradients are fp32 already
+        # (fp32 weights under autocast); it reduces them in this dtype too.
         out["communication_data_type"] = cfg.train.grad_reduce_dtype
         if stage > 0:
             out["data_types"] = {"grad_accum_dtype": cfg.train.grad_reduce_dtype}
@@ -91,7 +93,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grad_accum: int, precision
                                   eps=o.eps, fused=True)
     with drop_lines(DEEPSPEED_NOISE):  # its CPU backend prints "... built successfully" on every rank
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole sizes
-        stage = engine_zero_stage(cfg.parallel.zero_stage, parallel_state.get_data_parallel_world_size(), precision)
+        stage = engine_zero_stage(cfg.parallel.zero_stage, parallel_state.get_data_parallel_world_size())
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
                                                config=deepspeed_config(cfg, grad_accum, precision, parameters, stage))
     if engine.zero_optimization_stage() == 0 and parallel_state.get_data_parallel_world_size() == 1:
@@ -113,7 +115,7 @@ def set_lr(engine, lr: float) -> None:
 
 
 def deepspeed_reports_grad_norm(engine) -> bool:
-    """ZeRO and bf16 wrappers record the norm they clip with; plain fp32 DeepSpeed does not."""
+    """ZeRO and bf16 wrappers record the norm they clip with; the plain engine does not."""
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 

@@ -58,9 +58,25 @@ class SequenceGather(torch.nn.Module):
         self.sp = sequence_parallel and config.tensor_model_parallel_size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sp:
+        if self.sp:  # under autocast, gather the 16-bit copy the layers would cast to anyway: half the bytes
+            (x,) = autocast_operands(x)
             return gather_from_sequence_parallel(x, parallel_state.get_tensor_model_parallel_group())
         return x
+
+
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the tensors cast to autocast's dtype, as autocast casts F.linear's operands.
+
+    megatron's linear is an autograd Function that multiplies its saved operands again in backward,
+    where it restores autocast on CUDA only: on CPU an fp32 weight would meet a bf16 gradient.
+    Handing it operands of one dtype works everywhere, and saves the bf16 input for backward
+    instead of the fp32 one.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 class ColumnLinear(tensor_parallel.ColumnParallelLinear):
@@ -76,8 +92,10 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             out_features = sum(rows for _, rows in parts)
         # Under sequence parallelism SequenceGather's backward already reduce-scatters the input
         # gradient, so megatron's all-reduce of it must be off.
+        # The bias is added here, not inside megatron's Function, so that it meets the output in
+        # the output's dtype (autocast_operands).
         super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
-                         gather_output=False, skip_weight_param_allocation=skip_weight,
+                         gather_output=False, skip_weight_param_allocation=skip_weight, skip_bias_add=True,
                          disable_grad_reduce=sequence_parallel and config.tensor_model_parallel_size > 1)
         _mark_sharded(self.weight, 0)
         if parts is not None:
@@ -86,7 +104,9 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
                 mark_fused(self.bias, parts)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x, weight=weight)[0]
+        x, weight = autocast_operands(x, self.weight if weight is None else weight)
+        out, bias = super().forward(x, weight=weight)
+        return out if bias is None else out + bias.to(out.dtype)
 
 
 class RowLinear(tensor_parallel.RowParallelLinear):
@@ -100,10 +120,13 @@ class RowLinear(tensor_parallel.RowParallelLinear):
         self.sp = sequence_parallel and config.tensor_model_parallel_size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The local product is F.linear (autocast casts its operands), not megatron's Function:
+        a row-parallel layer has no input gradient to all-reduce, so the Function adds nothing."""
+        partial = F.linear(x, self.weight)
+        group = parallel_state.get_tensor_model_parallel_group()
         if self.sp:
-            return reduce_scatter_to_sequence_parallel(F.linear(x, self.weight),
-                                                       parallel_state.get_tensor_model_parallel_group())
-        return super().forward(x)[0]
+            return reduce_scatter_to_sequence_parallel(partial, group)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(partial, group=group)
 
 
 class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
