@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import HUNG
@@ -18,15 +19,18 @@ from helpers import HUNG
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_json_reports_pretrain_and_every_reference() -> None:
+@pytest.mark.parametrize("precision, mode", [("fp32", "fp32"), ("bf16", "bf16 autocast, fp32 weights")])
+def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mode: str) -> None:
+    """bf16: every contender trains under autocast on CPU too (megatron's linear once failed there)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # PRETRAIN_CACHE (conftest) points it at the session corpus
     cmd = [sys.executable, "tools/benchmark.py", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
            "--vocab", "1024", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
-           "--precision", "fp32", "--zero-stage", "1", "--json"]
+           "--precision", precision, "--zero-stage", "1", "--json"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # stdout holds the JSON alone; logs go to stderr
     assert report["model"]["num_kv_heads"] == 2 and report["seq_len"] == 32 and report["zero_stage"] == 1
+    assert report["engine_zero_stage"] == 0 and report["precision_mode"] == mode  # one rank: nothing to shard
     assert set(report["results"]) == {"pretrain", "transformers", "eager"} | (
         {"megatron"} if torch.cuda.is_available() else set())
     for name, r in report["results"].items():

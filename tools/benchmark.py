@@ -265,6 +265,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from pretrain.config import compose
     from pretrain.metrics import flops_per_token, peak_flops
     from pretrain.model.attention import resolve_backend
+    from pretrain.precision import describe_precision
     from pretrain.train import build
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -301,7 +302,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "model": dict(dataclasses.asdict(cfg.model), parameters=n_params),
         "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": precision, "zero_stage": a.zero_stage, "engine_zero_stage": engine_stage,
+        "precision": precision, "precision_mode": describe_precision(precision, engine_stage),
+        "zero_stage": a.zero_stage, "engine_zero_stage": engine_stage,
         "attention": backend,
         "compile": bool(cfg.model.compile if cfg.model.compile is not None else
                         device.type == "cuda" and cfg.parallel.zero_stage < 3),
@@ -315,7 +317,7 @@ def table(report: dict[str, Any]) -> str:
     m = report["model"]
     lines = [f"model: hidden {m['hidden_size']}, layers {m['num_layers']}, heads {m['num_heads']}"
              f"/{m['num_kv_heads'] or m['num_heads']}, vocab {m['vocab_size']}, {m['parameters'] / 1e6:.1f}M params | "
-             f"seq {report['seq_len']} x batch {report['batch']} | {report['device']} {report['precision']} | "
+             f"seq {report['seq_len']} x batch {report['batch']} | {report['device']} {report['precision_mode']} | "
              f"ZeRO-{report['zero_stage']}"
              + (f" (engine ZeRO-{report['engine_zero_stage']})" if report['engine_zero_stage'] != report['zero_stage']
                 else "") + f" | attention {report['attention']} | compile {report['compile']} | "

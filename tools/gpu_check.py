@@ -69,6 +69,8 @@ def summarize(result: dict) -> list[str]:
                                                 or "tokens_per_sec" in key.lower()):
             shown = f"{100 * value:.1f}%" if "mfu" in key.lower() and value <= 1.5 else f"{value:,.2f}"
             lines.append(f"   {key}: {shown}")
+        elif key in ("device", "precision_mode", "attention"):  # what the numbers were measured with
+            lines.append(f"   {key}: {value}")
         elif isinstance(value, dict):
             lines += [f"   {key}.{line.strip()}" for line in summarize(value)]
     return lines
