@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import Config, ConfigError, ModelConfig, engine_zero_stage, grad_accum_steps
+from pretrain.precision import bf16_weights
 
 
 def parameter_count(m: ModelConfig) -> int:
@@ -85,7 +86,7 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     """
     tp, z = cfg.parallel.tp, engine_zero_stage(cfg.parallel.zero_stage, dp)
     p = params / tp
-    weights16 = bf16 and z > 0  # pretrain.precision.bf16_weights
+    weights16 = bf16_weights("bf16" if bf16 else "fp32", z)
     autocast = bf16 and not weights16
     weights = p * (2 if weights16 else 4) / (dp if z >= 3 else 1)
     casts = p * 2 if autocast else 0.0

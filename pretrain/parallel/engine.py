@@ -115,8 +115,9 @@ def set_lr(engine, lr: float) -> None:
 
 
 def deepspeed_reports_grad_norm(engine) -> bool:
-    """ZeRO and bf16 wrappers record the norm they clip with; the plain engine does not."""
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+    """ZeRO's optimizers (bf16 weights included: pretrain.precision.bf16_weights) record the norm
+    they clip with; the plain engine does not."""
+    return engine.zero_optimization_stage() > 0
 
 
 def clip_grads(engine, max_norm: float, norm: torch.Tensor) -> None:
