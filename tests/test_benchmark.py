@@ -35,6 +35,8 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
         {"megatron"} if torch.cuda.is_available() else set())
     for name, r in report["results"].items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["step_s"] > 0, name
-    assert set(report["ratios"]) == set(report["results"]) - {"pretrain"}
+    assert set(report["ratios"]) == set(report["ratio_quartiles"]) == set(report["results"]) - {"pretrain"}
+    for name, (q1, q3) in report["ratio_quartiles"].items():  # the median per-step ratio lies between
+        assert 0 < q1 <= report["ratios"][name] <= q3, name
     if not torch.cuda.is_available():
         assert "megatron" in report["skipped"] and report["timing"] == "interleaved"

@@ -138,3 +138,28 @@ def test_more_processes_than_gpus_is_a_config_error(capsys):
     assert launch_main.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and ("launcher.nproc_per_node" in err if gpus else "train.device" in err), err
+
+
+def test_a_world_of_one_needs_no_port():
+    """`python -m pretrain.train`, an in-process build() and `torchrun --nproc_per_node=1` meet in an
+    in-process store. The port they once picked was free when chosen and taken when bound, so a busy
+    machine could fail a run of one with EADDRINUSE; here MASTER_PORT names a port this test holds."""
+    import socket
+
+    script = ("import torch, torch.distributed as dist\n"
+              "from pretrain.parallel.groups import destroy, init_distributed\n"
+              "dims = init_distributed(1, 'cpu')\n"
+              "t = torch.ones(2)\n"
+              "dist.all_reduce(t)\n"
+              "print(dims.world_size, dims.dp, t.tolist())\n"
+              "destroy()\n"
+              "init_distributed(1, 'cpu')\n"  # a second build in the same process (as tests and notebooks do)
+              "print('again', dist.get_world_size())\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held.getsockname()[1]), PYTHONPATH=str(REPO))
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=HUNG)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["1 1 [1.0, 1.0]", "again 1"]

@@ -6,8 +6,9 @@ References, each trained with torch's AdamW on the same random batches, device a
   megatron      megatron-core's GPTModel from its local layer spec (CUDA only; skipped elsewhere)
 pretrain itself runs through `pretrain.train.build()` with a random batch source and no checkpoint
 saving, timing its real optimizer step. Prints tokens/s and MFU for each and the ratio pretrain /
-reference (above 1 = pretrain is faster). On CPU the contenders take turns step by step, so a busy
-machine slows all of them alike; on a GPU they run one after another, each alone in memory.
+reference (above 1 = pretrain is faster): the median of the per-step ratios, with their quartiles.
+On CPU the contenders take turns step by step, so a busy machine slows all of them alike; on a GPU
+they run one after another, each alone in memory.
 
     python tools/benchmark.py                                             # CPU-sized default shape
     python tools/benchmark.py --hidden 768 --layers 12 --heads 12 --seq-len 256 --batch 2
@@ -297,7 +298,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     tokens = a.batch * a.seq_len
     results = {name: {"tokens_per_s": tokens / statistics.median(t), "mfu": flops * tokens / statistics.median(t) / peak,
                       "step_s": statistics.median(t)} for name, t in times.items()}
-    ours_tps = results["pretrain"]["tokens_per_s"]
+    ratios, spreads = step_ratios(times, interleave)
     return {
         "model": dict(dataclasses.asdict(cfg.model), parameters=n_params),
         "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
@@ -309,8 +310,27 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                         device.type == "cuda" and cfg.parallel.zero_stage < 3),
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
         "results": results, "skipped": skipped,
-        "ratios": {name: ours_tps / r["tokens_per_s"] for name, r in results.items() if name != "pretrain"},
+        "ratios": ratios, "ratio_quartiles": spreads,
     }
+
+
+def step_ratios(times: dict[str, list[float]], interleaved: bool) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """pretrain's speed over each reference's, and the quartiles of that ratio over the timed steps.
+
+    Interleaved (CPU), step i of every contender ran back to back, so a reference's step time over
+    pretrain's step i is one paired ratio in which a busy spell slows both sides: their median is
+    far steadier on a shared machine than a ratio of two medians. Sequential (GPU) runs pair
+    nothing: each step's ratio is taken against pretrain's median step."""
+    ours = times["pretrain"]
+    ratios, spreads = {}, {}
+    for name, theirs in times.items():
+        if name == "pretrain":
+            continue
+        per_step = ([t / o for o, t in zip(ours, theirs)] if interleaved
+                    else [t / statistics.median(ours) for t in theirs])
+        q1, q2, q3 = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+        ratios[name], spreads[name] = q2, [q1, q3]
+    return ratios, spreads
 
 
 def table(report: dict[str, Any]) -> str:
@@ -324,8 +344,10 @@ def table(report: dict[str, Any]) -> str:
              f"{report['timing']}, median of {report['steps']} steps"]
     for name, r in report["results"].items():
         ratio = report["ratios"].get(name)
+        spread = report["ratio_quartiles"].get(name)
         lines.append(f"{name:>12}: {r['tokens_per_s']:10,.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%"
-                     + (f"  pretrain/{name} = {ratio:.2f}" if ratio else ""))
+                     + (f"  pretrain/{name} = {ratio:.2f} (quartiles {spread[0]:.2f}-{spread[1]:.2f})"
+                        if ratio else ""))
     lines += [f"{name:>12}: skipped ({why})" for name, why in report["skipped"].items()]
     return "\n".join(lines)
 

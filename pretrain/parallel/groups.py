@@ -37,9 +37,10 @@ def resolve_device(requested: str) -> str:
 
 def init_distributed(tp: int, device_kind: str, timeout_minutes: int = 10) -> ParallelDims:
     """Join the job started by torchrun (or run alone), then build the TP x DP grid."""
-    if "RANK" not in os.environ:  # a plain `python -m pretrain.train`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"  # `python -m pretrain.train`, build() in-process, torchrun -n 1
+    if alone:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
@@ -47,8 +48,10 @@ def init_distributed(tp: int, device_kind: str, timeout_minutes: int = 10) -> Pa
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        # A world of one meets in an in-process store: no port to pick, so none another process can take first.
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
+                                timeout=timedelta(minutes=timeout_minutes), **store)
     world = dist.get_world_size()
     if world % tp:
         raise ValueError(f"config error: parallel.tp: world size {world} is not a multiple of parallel.tp={tp}")
@@ -67,14 +70,6 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MegatronMPU:
