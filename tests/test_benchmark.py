@@ -25,7 +25,7 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
     env = dict(os.environ, OMP_NUM_THREADS="1")  # PRETRAIN_CACHE (conftest) points it at the session corpus
     cmd = [sys.executable, "tools/benchmark.py", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
            "--vocab", "1024", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
-           "--precision", precision, "--zero-stage", "1", "--json"]
+           "--precision", precision, "--zero-stage", "1", "--json", "--profile", "1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # stdout holds the JSON alone; logs go to stderr
@@ -40,3 +40,14 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
         assert 0 < q1 <= report["ratios"][name] <= q3, name
     if not torch.cuda.is_available():
         assert "megatron" in report["skipped"] and report["timing"] == "interleaved"
+    # --profile: one more pretrain step under the profiler, its busiest operators by self time.
+    prof = report["profile"]
+    assert prof["steps"] == 1 and prof["step_s"] > 0 and 0 < prof["busy_s"] and 0 < len(prof["top"]) <= 15
+    shares = [k["share"] for k in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= prof["busy_share"] + 1e-9
+    if not torch.cuda.is_available():  # CPU operators by name (a GPU lists its kernels, named by the library)
+        assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for k in prof["top"])
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import profile_lines
+
+    assert profile_lines(prof)[0].startswith("profile of pretrain, 1 step(s): ")

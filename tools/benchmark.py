@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra pretrain config override, e.g. model.compile=true (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after pretrain's timed steps, profile N more: its busiest kernels and how busy the device was")
     a = p.parse_args(argv)
     seq, batch = PRESET_BATCH[a.preset]
     a.seq_len, a.batch = a.seq_len or seq, a.batch or batch
@@ -206,12 +208,42 @@ def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], Non
     return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
 
 
+def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Where pretrain's step goes: the kernels with the most self time per step (device time on a
+    GPU, CPU time on a CPU), and the device's busy time against the step's wall time. On a GPU a
+    busy share well under 1 means the device waits for the host (launches, syncs), not for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step_fn()
+        _sync(device)
+        wall = (time.perf_counter() - start) / steps
+    if cuda:  # the kernels and copies themselves (the operators that launched them would count them twice)
+        timed = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        timed = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    busy = sum(t for _, t in timed) / 1e6 / steps  # profiler times are microseconds
+    timed.sort(key=lambda kv: -kv[1])
+    return {"steps": steps, "step_s": wall, "busy_s": busy, "busy_share": busy / wall,
+            "clock": "device" if cuda else "cpu (all threads' operators, self time)",
+            "top": [{"name": name, "s_per_step": t / 1e6 / steps, "share": t / 1e6 / steps / wall}
+                    for name, t in timed[:top]]}
+
+
 def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argparse.Namespace, device: torch.device,
-               interleave: bool) -> tuple[dict[str, list[float]], dict[str, str]]:
+               interleave: bool) -> tuple[dict[str, list[float]], dict[str, str], dict[str, Any] | None]:
     """Seconds per timed step of each contender, round-robin (interleave) or one after another,
-    each built just before its turn and freed after it; and why any could not be built."""
+    each built just before its turn and freed after it; why any could not be built; and, with
+    --profile, pretrain's profile (taken after its timed steps, while its model is still built)."""
     times: dict[str, list[float]] = {}
     skipped: dict[str, str] = {}
+    profiled: dict[str, Any] | None = None
 
     def build(name: str) -> Callable[[], None] | None:
         try:
@@ -244,7 +276,9 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
                 except Exception as err:
                     failed(name, err)
                     del steps[name]
-        return times, skipped
+        if a.profile:
+            profiled = profile_steps(steps["pretrain"], a.profile, device)
+        return times, skipped, profiled
     for name in builders:
         fn = build(name)
         if fn is None:
@@ -254,11 +288,13 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
                 one(name, fn, step)
         except Exception as err:
             failed(name, err)
+        if name == "pretrain" and a.profile:
+            profiled = profile_steps(fn, a.profile, device)
         del fn  # free its model before the next one is built
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return times, skipped
+    return times, skipped, profiled
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +326,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     "megatron": lambda: build_megatron(cfg, a, device, bf16)}
         wanted = ["pretrain"] + [r for r in a.references.split(",") if r]
         interleave = device.type != "cuda"
-        times, skipped = time_steps({name: builders[name] for name in wanted}, a, device, interleave)
+        times, skipped, profiled = time_steps({name: builders[name] for name in wanted}, a, device, interleave)
     n_params = parameter_count(cfg.model)
     flops = flops_per_token(cfg.model, n_params, a.seq_len)
     # One peak for all, measured after all ran (on CPU it is a measured matmul rate).
@@ -311,6 +347,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
         "results": results, "skipped": skipped,
         "ratios": ratios, "ratio_quartiles": spreads,
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -349,7 +386,17 @@ def table(report: dict[str, Any]) -> str:
                      + (f"  pretrain/{name} = {ratio:.2f} (quartiles {spread[0]:.2f}-{spread[1]:.2f})"
                         if ratio else ""))
     lines += [f"{name:>12}: skipped ({why})" for name, why in report["skipped"].items()]
+    if "profile" in report:
+        lines += profile_lines(report["profile"])
     return "\n".join(lines)
+
+
+def profile_lines(prof: dict[str, Any]) -> list[str]:
+    """The --profile section of the table (tools/gpu_check.py prints it too)."""
+    lines = [f"profile of pretrain, {prof['steps']} step(s): {prof['step_s'] * 1e3:,.1f} ms per step, "
+             f"{prof['clock']} busy {prof['busy_s'] * 1e3:,.1f} ms ({100 * prof['busy_share']:.0f}%)"]
+    lines += [f"  {100 * k['share']:5.1f}%  {k['s_per_step'] * 1e3:9.2f} ms  {k['name'][:100]}" for k in prof["top"]]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,11 @@
 It runs `pytest -m gpu` (on several workers where pytest-xdist is installed, each test under a time
 limit where pytest-timeout is), then the README's default training job for a few steps on the GPU
 (`python -m launch`: torchrun, NCCL, bf16, compiled blocks), then `tools/benchmark.py --preset 1b
---seq-len 2048 --precision bf16 --steps N --json`, and prints the benchmark's MFU and its ratios
-against the references measured in the same run. Each part has a hard time limit; a part that fails or runs out of time is reported
-in one line and the others still run. Exit status 0 only if every part passed.
+--seq-len 2048 --precision bf16 --steps N --json --profile 2`, and prints the benchmark's MFU, its
+ratios against the references measured in the same run, and where pretrain's step goes (its busiest
+kernels, and how much of the step the GPU was busy). Each part has a hard time limit; a part that
+fails or runs out of time is reported in one line and the others still run. Exit status 0 only if
+every part passed.
 
 Dependencies that the machine lacks (deepspeed, megatron-core, hydra-core, webdataset) can come
 from a wheelhouse installed offline to a directory on PYTHONPATH; this script passes its own
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
     p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="pretrain steps the benchmark profiles after timing (0: none): top kernels, device busy share")
     p.add_argument("--skip-tests", action="store_true", help="skip pytest -m gpu (the job and benchmark still run)")
     a = p.parse_args(argv)
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
                                      f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
     bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
-                 "--steps", str(a.steps), "--json"]
+                 "--steps", str(a.steps), "--json", "--profile", str(a.profile_steps)]
     ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)
     result = last_json(out) if ok else None
     if ok and result is None:
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print("== benchmark summary (MFU by the PaLM formula against the GPU's dense bf16 peak):")
         print("\n".join(summarize(result)) or "   (no MFU or ratio keys in the JSON)")
+        if "profile" in result:
+            sys.path.insert(0, str(ROOT / "tools"))
+            from benchmark import profile_lines
+
+            print("\n".join(profile_lines(result["profile"])), flush=True)
 
     print("== gpu_check: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in results.items()), flush=True)
     return 0 if all(results.values()) else 1
