@@ -359,12 +359,12 @@ def step_ratios(times: dict[str, list[float]], interleaved: bool) -> tuple[dict[
     far steadier on a shared machine than a ratio of two medians. Sequential (GPU) runs pair
     nothing: each step's ratio is taken against pretrain's median step."""
     ours = times["pretrain"]
+    ours_median = statistics.median(ours)
     ratios, spreads = {}, {}
     for name, theirs in times.items():
         if name == "pretrain":
             continue
-        per_step = ([t / o for o, t in zip(ours, theirs)] if interleaved
-                    else [t / statistics.median(ours) for t in theirs])
+        per_step = [t / o for o, t in zip(ours, theirs)] if interleaved else [t / ours_median for t in theirs]
         q1, q2, q3 = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
         ratios[name], spreads[name] = q2, [q1, q3]
     return ratios, spreads

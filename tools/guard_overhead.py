@@ -12,7 +12,6 @@ per step the loop already had).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import GuardConfig
     from pretrain.guard import StepGuard
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
     device = torch.device(args.device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # A world of one in an in-process store, as pretrain.parallel.groups.init_distributed runs one: no port.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     param = torch.nn.Parameter(torch.ones(1 << 20, device=device))
     optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True)
     param.grad = torch.full_like(param, 1e-3)

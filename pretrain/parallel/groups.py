@@ -39,8 +39,8 @@ def init_distributed(tp: int, device_kind: str, timeout_minutes: int = 10) -> Pa
     """Join the job started by torchrun (or run alone), then build the TP x DP grid."""
     alone = os.environ.get("WORLD_SIZE", "1") == "1"  # `python -m pretrain.train`, build() in-process, torchrun -n 1
     if alone:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
