@@ -19,13 +19,14 @@ from helpers import HUNG
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("precision, mode", [("fp32", "fp32"), ("bf16", "bf16 autocast, fp32 weights")])
-def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mode: str) -> None:
-    """bf16: every contender trains under autocast on CPU too (megatron's linear once failed there)."""
+@pytest.mark.parametrize("precision, mode, accum", [("fp32", "fp32", 2), ("bf16", "bf16 autocast, fp32 weights", 1)])
+def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mode: str, accum: int) -> None:
+    """bf16: every contender trains under autocast on CPU too (megatron's linear once failed there).
+    accum: a step is one optimizer step over that many micro-batches, and its tokens count them all."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # PRETRAIN_CACHE (conftest) points it at the session corpus
     cmd = [sys.executable, "tools/benchmark.py", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
            "--vocab", "1024", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
-           "--precision", precision, "--zero-stage", "1", "--json", "--profile", "1"]
+           "--precision", precision, "--zero-stage", "1", "--grad-accum", str(accum), "--json", "--profile", "1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # stdout holds the JSON alone; logs go to stderr
@@ -33,8 +34,10 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
     assert report["engine_zero_stage"] == 0 and report["precision_mode"] == mode  # one rank: nothing to shard
     assert set(report["results"]) == {"pretrain", "transformers", "eager"} | (
         {"megatron"} if torch.cuda.is_available() else set())
+    assert report["grad_accum"] == report["engine_grad_accum"] == accum  # pretrain's engine took it
     for name, r in report["results"].items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["step_s"] > 0, name
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * 32 * accum), name  # batch x seq x accum
     assert set(report["ratios"]) == set(report["ratio_quartiles"]) == set(report["results"]) - {"pretrain"}
     for name, (q1, q3) in report["ratio_quartiles"].items():  # the median per-step ratio lies between
         assert 0 < q1 <= report["ratios"][name] <= q3, name

@@ -13,6 +13,12 @@ they run one after another, each alone in memory.
     python tools/benchmark.py                                             # CPU-sized default shape
     python tools/benchmark.py --hidden 768 --layers 12 --heads 12 --seq-len 256 --batch 2
     python tools/benchmark.py --preset 1b --seq-len 2048 --precision bf16 --steps 10 --json   # GPU
+    python tools/benchmark.py --preset 1b --seq-len 2048 --precision bf16 --grad-accum 8      # a real global batch
+
+A step is one optimizer step over --grad-accum micro-batches, for every contender alike. One
+micro-batch per step (the default) charges the whole optimizer step to a few thousand tokens; a
+run with a real global batch accumulates many micro-batches per step, and its tokens/s and MFU
+are those of --grad-accum in the tens.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="default: 256 (2048 for --preset 1b)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default depends on the preset)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="micro-batches per optimizer step, for every contender (default 1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     seq, batch = PRESET_BATCH[a.preset]
     a.seq_len, a.batch = a.seq_len or seq, a.batch or batch
     unknown = set(a.references.split(",")) - set(REFERENCES) - {""}
+    if a.grad_accum < 1:
+        p.error(f"--grad-accum: {a.grad_accum} micro-batches per step; give 1 or more")
     if unknown:
         p.error(f"--references: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
     return a
@@ -86,8 +96,9 @@ def model_overrides(a: argparse.Namespace) -> list[str]:
 
 def overrides(a: argparse.Namespace, run_dir: str) -> list[str]:
     return [*model_overrides(a), f"model.max_seq_len={max(a.seq_len, 1024)}",
-            f"train.seq_len={a.seq_len}", f"train.micro_batch_size={a.batch}", "train.grad_accum_steps=1",
-            f"train.max_steps={10**9}", f"train.precision={a.precision}", f"parallel.zero_stage={a.zero_stage}",
+            f"train.seq_len={a.seq_len}", f"train.micro_batch_size={a.batch}",
+            f"train.grad_accum_steps={a.grad_accum}", "train.global_batch_tokens=null", f"train.max_steps={10**9}",
+            f"train.precision={a.precision}", f"parallel.zero_stage={a.zero_stage}",
             "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false",
             "checkpoint.resume=false", "logging.wandb=disabled", "optim.warmup_steps=1", f"run.dir={run_dir}",
             "data.embedded_vocab_size=1024", *a.override]
@@ -125,15 +136,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop_step(model, optimizer, batches, device: torch.device, bf16: bool,
+def plain_loop_step(model, optimizer, batches, device: torch.device, bf16: bool, accum: int,
                     loss_of: Callable[[Any, Any], torch.Tensor]) -> Callable[[], None]:
-    """One training step as a user writes it: autocast forward, backward, clip, AdamW."""
+    """One training step as a user writes it: for each of `accum` micro-batches an autocast forward
+    and a backward of its share of the loss; then clip and AdamW."""
 
     def step() -> None:
-        batch = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(model, batch)
-        loss.backward()
+        for _ in range(accum):
+            batch = next(batches)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(model, batch) / accum
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +175,7 @@ def build_transformers(cfg, a, device: torch.device, bf16: bool) -> Callable[[],
         ids = batch.input_ids.to(device)
         return model(input_ids=ids, labels=ids).loss
 
-    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, a.grad_accum, loss_of)
 
 
 def build_eager(cfg, a, device: torch.device, bf16: bool, backend: str) -> Callable[[], None]:
@@ -175,7 +188,7 @@ def build_eager(cfg, a, device: torch.device, bf16: bool, backend: str) -> Calla
     def loss_of(model, batch):
         return model(batch.input_ids.to(device), batch.labels.to(device), batch.position_ids)
 
-    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, a.grad_accum, loss_of)
 
 
 def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], None]:
@@ -205,7 +218,7 @@ def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], Non
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         return model(ids, batch.position_ids.to(device), attention_mask=None, labels=labels).float().mean()
 
-    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, loss_of)
+    return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, a.grad_accum, loss_of)
 
 
 def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device, top: int = 15) -> dict[str, Any]:
@@ -310,6 +323,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         trainer = build(cfg, batches=RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
         device, precision = trainer.dims.device, trainer.precision
         engine_stage = trainer.engine.zero_optimization_stage()  # ZeRO-1/2 on one rank run as ZeRO-0
+        engine_accum = trainer.engine.gradient_accumulation_steps()
         bf16 = precision == "bf16"
         backend = resolve_backend(cfg.model.attention, device, precision)
         held = [trainer]  # released once pretrain has been timed on a GPU
@@ -331,13 +345,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     flops = flops_per_token(cfg.model, n_params, a.seq_len)
     # One peak for all, measured after all ran (on CPU it is a measured matmul rate).
     peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-    tokens = a.batch * a.seq_len
-    results = {name: {"tokens_per_s": tokens / statistics.median(t), "mfu": flops * tokens / statistics.median(t) / peak,
-                      "step_s": statistics.median(t)} for name, t in times.items()}
+    tokens = a.batch * a.seq_len * a.grad_accum  # per optimizer step
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    results = {name: {"tokens_per_s": tokens / step, "mfu": flops * tokens / step / peak, "step_s": step}
+               for name, step in medians.items()}
     ratios, spreads = step_ratios(times, interleave)
     return {
         "model": dict(dataclasses.asdict(cfg.model), parameters=n_params),
-        "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+        "seq_len": a.seq_len, "batch": a.batch, "grad_accum": a.grad_accum, "engine_grad_accum": engine_accum,
+        "steps": a.steps, "warmup": a.warmup,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "precision_mode": describe_precision(precision, engine_stage),
         "zero_stage": a.zero_stage, "engine_zero_stage": engine_stage,
@@ -374,7 +390,8 @@ def table(report: dict[str, Any]) -> str:
     m = report["model"]
     lines = [f"model: hidden {m['hidden_size']}, layers {m['num_layers']}, heads {m['num_heads']}"
              f"/{m['num_kv_heads'] or m['num_heads']}, vocab {m['vocab_size']}, {m['parameters'] / 1e6:.1f}M params | "
-             f"seq {report['seq_len']} x batch {report['batch']} | {report['device']} {report['precision_mode']} | "
+             f"seq {report['seq_len']} x batch {report['batch']} x accum {report['grad_accum']} | "
+             f"{report['device']} {report['precision_mode']} | "
              f"ZeRO-{report['zero_stage']}"
              + (f" (engine ZeRO-{report['engine_zero_stage']})" if report['engine_zero_stage'] != report['zero_stage']
                 else "") + f" | attention {report['attention']} | compile {report['compile']} | "

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
     p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per benchmark step (8 or more: the MFU of a real global batch)")
     p.add_argument("--profile-steps", type=int, default=2,
                    help="pretrain steps the benchmark profiles after timing (0: none): top kernels, device busy share")
     p.add_argument("--skip-tests", action="store_true", help="skip pytest -m gpu (the job and benchmark still run)")
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
                                      f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
     bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
-                 "--steps", str(a.steps), "--json", "--profile", str(a.profile_steps)]
+                 "--steps", str(a.steps), "--grad-accum", str(a.grad_accum), "--json",
+                 "--profile", str(a.profile_steps)]
     ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)
     result = last_json(out) if ok else None
     if ok and result is None:
