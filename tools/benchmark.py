@@ -75,9 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     seq, batch = PRESET_BATCH[a.preset]
     a.seq_len, a.batch = a.seq_len or seq, a.batch or batch
-    unknown = set(a.references.split(",")) - set(REFERENCES) - {""}
     if a.grad_accum < 1:
         p.error(f"--grad-accum: {a.grad_accum} micro-batches per step; give 1 or more")
+    unknown = set(a.references.split(",")) - set(REFERENCES) - {""}
     if unknown:
         p.error(f"--references: unknown {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
     return a
