@@ -266,7 +266,7 @@ class Trainer:
                 bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
                 self.guard.gate(base_optimizer(engine), bad)
                 if norm is not None:  # this engine does not clip: clip with the norm just computed
-                    clip_grads(engine, self.cfg.optim.grad_clip, norm)
+                    clip_grads(base_optimizer(engine), self.cfg.optim.grad_clip, norm)
             engine.step()
         self.step += 1
         return self.guard.verdict, engine.get_global_grad_norm() if reports_norm else None, lr

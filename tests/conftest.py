@@ -68,4 +68,13 @@ if LoadScopeScheduling is not None:
             return "system-modules" if module.endswith(SYSTEM_MODULES) else module
 
     def pytest_xdist_make_scheduler(config, log):
+        if gpu_only(config):  # xdist's own per-test spread (None: the next hook decides)
+            return None
         return ModuleScheduling(config, log)
+
+
+def gpu_only(config) -> bool:
+    """A `-m gpu` run (tools/gpu_check.py): its tests build no module-scoped runs worth sharing, and
+    one module holds most of them, so they spread test by test over the workers; whole modules
+    on one worker ran them one after another (320 s on an H100 instead of about 60)."""
+    return config.getoption("markexpr", "").strip() == "gpu"

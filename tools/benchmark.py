@@ -236,9 +236,11 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device,
             step_fn()
         _sync(device)
         wall = (time.perf_counter() - start) / steps
-    if cuda:  # the kernels and copies themselves (the operators that launched them would count them twice)
+    if cuda:  # the kernels and copies themselves (the operators that launched them would count them twice,
+        # and so would a record_function range such as Optimizer.step, shown on the device as well)
         timed = [(e.key, e.self_device_time_total) for e in prof.key_averages()
-                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+                 and not getattr(e, "is_user_annotation", False)]
     else:
         timed = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
     busy = sum(t for _, t in timed) / 1e6 / steps  # profiler times are microseconds
@@ -258,7 +260,11 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
     skipped: dict[str, str] = {}
     profiled: dict[str, Any] | None = None
 
+    held: dict[str, float] = {}  # GiB the device holds as each contender is built (sequential: none from the others)
+
     def build(name: str) -> Callable[[], None] | None:
+        if device.type == "cuda":
+            held[name] = torch.cuda.memory_allocated(device) / 2**30
         try:
             return builders[name]()
         except Exception as err:  # a reference that cannot run here (megatron on CPU) is reported, not fatal
@@ -277,7 +283,8 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
         """A reference that fails mid-run is reported like one that cannot be built; pretrain's own failure is fatal."""
         if name == "pretrain":
             raise err
-        skipped[name] = f"failed while training: {type(err).__name__}: {err}".splitlines()[0][:200]
+        before = f" ({held[name]:.1f} GiB allocated before it was built)" if name in held else ""
+        skipped[name] = f"failed while training{before}: {type(err).__name__}: {err}".splitlines()[0][:240]
         times.pop(name, None)
 
     if interleave:
@@ -304,6 +311,7 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
         if name == "pretrain" and a.profile:
             profiled = profile_steps(fn, a.profile, device)
         del fn  # free its model before the next one is built
+        torch.compiler.reset()  # compiled graphs and their caches hold on to what they were traced with
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

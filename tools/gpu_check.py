@@ -1,6 +1,6 @@
 """One command for a machine with one CUDA GPU: the `gpu` tests, then a short bf16 benchmark.
 
-    python tools/gpu_check.py                 # about 8 minutes at most
+    python tools/gpu_check.py                 # under 8 minutes (7m40s at most)
     python tools/gpu_check.py --skip-tests    # benchmark only
 
 It runs `pytest -m gpu` (on several workers where pytest-xdist is installed, each test under a time
@@ -51,6 +51,20 @@ def run_part(name: str, command: list[str], timeout: float) -> tuple[bool, str]:
     return ok, proc.stdout
 
 
+def pytest_command(workers: int, timeout: float) -> list[str]:
+    """`pytest -m gpu`, spread test by test over `workers` (tests/conftest.py) where pytest-xdist is
+    installed: each test is short and small, and the GPU has room for several at once."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
+               "--continue-on-collection-errors", "--durations=10"]
+    if not importlib.util.find_spec("xdist"):
+        command += ["-o", "addopts="]  # pyproject.toml's addopts name pytest-xdist's options
+    else:
+        command += ["-n", str(workers)]
+    if importlib.util.find_spec("pytest_timeout"):  # a hung NCCL collective fails its test, not the check
+        command += [f"--timeout={int(timeout * 0.8)}"]
+    return command
+
+
 def last_json(text: str) -> dict | None:
     """The benchmark's --json object: the last JSON object its output ends with (one line or indented)."""
     lines = text.strip().splitlines()
@@ -80,11 +94,11 @@ def summarize(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--test-timeout", type=float, default=300, help="seconds for pytest -m gpu")
-    p.add_argument("--test-workers", type=int, default=4, help="pytest-xdist workers sharing the GPU (0: none)")
-    p.add_argument("--launch-timeout", type=float, default=100, help="seconds for the default training job")
+    p.add_argument("--test-timeout", type=float, default=220, help="seconds for pytest -m gpu")
+    p.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers sharing the GPU (0: none)")
+    p.add_argument("--launch-timeout", type=float, default=90, help="seconds for the default training job")
     p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
-    p.add_argument("--bench-timeout", type=float, default=170, help="seconds for the benchmark")
+    p.add_argument("--bench-timeout", type=float, default=150, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per benchmark step (8 or more: the MFU of a real global batch)")
@@ -110,13 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PRETRAIN_CACHE", os.environ["PRETRAIN_TEST_CACHE"])
     results: dict[str, bool] = {}
     if not a.skip_tests:
-        pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
-                      "--continue-on-collection-errors"]
-        if a.test_workers and importlib.util.find_spec("xdist"):  # the tests are short; the GPU has room
-            pytest_cmd += ["-n", str(a.test_workers)]
-        if importlib.util.find_spec("pytest_timeout"):  # a hung NCCL collective fails its test, not the check
-            pytest_cmd += [f"--timeout={int(a.test_timeout * 0.8)}"]
-        results["gpu tests"], _ = run_part("gpu tests", pytest_cmd, a.test_timeout)
+        results["gpu tests"], _ = run_part("gpu tests", pytest_command(a.test_workers, a.test_timeout),
+                                           a.test_timeout)
     with tempfile.TemporaryDirectory() as run_dir:  # a check writes no Weights & Biases run
         results["default job"], _ = run_part(
             "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",

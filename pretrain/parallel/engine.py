@@ -4,7 +4,8 @@ The DeepSpeed config is generated from ours, so there is no JSON for users to ke
 The optimizer is torch's AdamW handed to DeepSpeed (its fused/CPU Adam need compiled ops that
 CPU-only machines lack); the learning rate is set by pretrain.train each step. torch's fused
 implementation is used (CPU and CUDA): it reads a `found_inf` tensor, through which the loss
-guard (pretrain/guard.py) skips a step on the device.
+guard (pretrain/guard.py) skips a step on the device, and a `grad_scale` tensor, through which
+ZeRO-0 clips inside the update (clip_grads).
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ def deepspeed_reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
 
-def clip_grads(engine, max_norm: float, norm: torch.Tensor) -> None:
-    """Scale the gradients to a global norm of at most max_norm (0 = no clipping), given their norm
-    (grad_norm_tensor); for engines that do not clip (deepspeed_reports_grad_norm false), so the norm
-    is computed once per step. On the device, no sync. Call between backward and step."""
-    if max_norm > 0:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+def clip_grads(optimizer: torch.optim.Optimizer, max_norm: float, norm: torch.Tensor) -> None:
+    """Clip the gradients to a global norm of at most max_norm (0 = no clipping) in the next step of
+    fused AdamW (base_optimizer), given their norm (grad_norm_tensor); for engines that do not clip
+    (deepspeed_reports_grad_norm false), so the norm is computed once per step. Fused AdamW divides
+    each gradient by its `grad_scale` tensor as it reads it, so clipping costs no pass over the
+    gradients of its own (a multiply that reads and writes every fp32 gradient: 2.5% of the 1b
+    preset's step on an H100) and reads the norm on the device, with no sync. Call between backward and step."""
+    scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
+    optimizer.grad_scale = scale  # type: ignore[attr-defined]
 
 
 def grad_norm(engine) -> float:
