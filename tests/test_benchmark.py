@@ -50,7 +50,12 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
     assert shares == sorted(shares, reverse=True) and sum(shares) <= prof["busy_share"] + 1e-9
     if not torch.cuda.is_available():  # CPU operators by name (a GPU lists its kernels, named by the library)
         assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for k in prof["top"])
+    # Every timed kernel in one kind: the kinds add up to the busy time; matrix products and AdamW are there.
+    kinds = prof["by_kind"]
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(prof["busy_share"], rel=1e-6)
+    assert {"matmul", "optimizer, norms (multi-tensor)"} <= set(kinds) and kinds["matmul"]["share"] > 0
     sys.path.insert(0, str(ROOT / "tools"))
     from benchmark import profile_lines
 
     assert profile_lines(prof)[0].startswith("profile of pretrain, 1 step(s): ")
+    assert profile_lines(prof)[1].startswith("  by kind: ") and "matmul" in profile_lines(prof)[1]

@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -221,6 +222,22 @@ def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], Non
     return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, a.grad_accum, loss_of)
 
 
+# What a kernel (or, on CPU, an operator) does, from its name; checked in this order: cuDNN's and
+# flash's attention kernels carry "sm90" too, as cuBLAS's do.
+KERNEL_KINDS = (
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|flex", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|aten::(mm|addmm|bmm|matmul)$", re.I)),
+    ("loss", re.compile(r"softmax|nll_loss|cross_entropy", re.I)),
+    ("optimizer, norms (multi-tensor)", re.compile(r"adam|multi_tensor_apply|foreach", re.I)),
+    ("compiled (triton)", re.compile(r"^triton_", re.I)),
+    ("copies, casts", re.compile(r"memcpy|memset|copy|_to_copy|cast", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
 def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device, top: int = 15) -> dict[str, Any]:
     """Where pretrain's step goes: the kernels with the most self time per step (device time on a
     GPU, CPU time on a CPU), and the device's busy time against the step's wall time. On a GPU a
@@ -245,7 +262,12 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device,
         timed = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
     busy = sum(t for _, t in timed) / 1e6 / steps  # profiler times are microseconds
     timed.sort(key=lambda kv: -kv[1])
+    by_kind: dict[str, float] = {}
+    for name, t in timed:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + t / 1e6 / steps
     return {"steps": steps, "step_s": wall, "busy_s": busy, "busy_share": busy / wall,
+            "by_kind": {kind: {"s_per_step": t, "share": t / wall}
+                        for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "clock": "device" if cuda else "cpu (all threads' operators, self time)",
             "top": [{"name": name, "s_per_step": t / 1e6 / steps, "share": t / 1e6 / steps / wall}
                     for name, t in timed[:top]]}
@@ -420,6 +442,7 @@ def profile_lines(prof: dict[str, Any]) -> list[str]:
     """The --profile section of the table (tools/gpu_check.py prints it too)."""
     lines = [f"profile of pretrain, {prof['steps']} step(s): {prof['step_s'] * 1e3:,.1f} ms per step, "
              f"{prof['clock']} busy {prof['busy_s'] * 1e3:,.1f} ms ({100 * prof['busy_share']:.0f}%)"]
+    lines.append("  by kind: " + " | ".join(f"{kind} {100 * k['share']:.1f}%" for kind, k in prof["by_kind"].items()))
     lines += [f"  {100 * k['share']:5.1f}%  {k['s_per_step'] * 1e3:9.2f} ms  {k['name'][:100]}" for k in prof["top"]]
     return lines
 
