@@ -282,7 +282,7 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
     skipped: dict[str, str] = {}
     profiled: dict[str, Any] | None = None
 
-    held: dict[str, float] = {}  # GiB the device holds as each contender is built (sequential: none from the others)
+    held: dict[str, float] = {}  # GiB allocated on the GPU as each contender is built (earlier ones freed)
 
     def build(name: str) -> Callable[[], None] | None:
         if device.type == "cuda":
