@@ -264,9 +264,10 @@ class Trainer:
                 self.faults.gradients(step, engine.module)
                 norm = None if reports_norm else grad_norm_tensor(engine)
                 bad = self.guard.judge(loss_sum, engine.gradient_accumulation_steps(), norm)
-                self.guard.gate(base_optimizer(engine), bad)
+                optimizer = base_optimizer(engine)  # fused AdamW: reads found_inf and grad_scale in its step
+                self.guard.gate(optimizer, bad)
                 if norm is not None:  # this engine does not clip: clip with the norm just computed
-                    clip_grads(base_optimizer(engine), self.cfg.optim.grad_clip, norm)
+                    clip_grads(optimizer, self.cfg.optim.grad_clip, norm)
             engine.step()
         self.step += 1
         return self.guard.verdict, engine.get_global_grad_norm() if reports_norm else None, lr

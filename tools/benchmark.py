@@ -260,17 +260,17 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device,
                  and not getattr(e, "is_user_annotation", False)]
     else:
         timed = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    busy = sum(t for _, t in timed) / 1e6 / steps  # profiler times are microseconds
-    timed.sort(key=lambda kv: -kv[1])
+    per_step = sorted(((name, t / 1e6 / steps) for name, t in timed), key=lambda kv: -kv[1])  # from microseconds
+    busy = sum(t for _, t in per_step)
     by_kind: dict[str, float] = {}
-    for name, t in timed:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + t / 1e6 / steps
+    for name, t in per_step:
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + t
     return {"steps": steps, "step_s": wall, "busy_s": busy, "busy_share": busy / wall,
             "by_kind": {kind: {"s_per_step": t, "share": t / wall}
                         for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "clock": "device" if cuda else "cpu (all threads' operators, self time)",
-            "top": [{"name": name, "s_per_step": t / 1e6 / steps, "share": t / 1e6 / steps / wall}
-                    for name, t in timed[:top]]}
+            "top": [{"name": name, "s_per_step": t, "share": t / wall} for name, t in per_step[:top]]}
 
 
 def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argparse.Namespace, device: torch.device,
@@ -282,11 +282,11 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
     skipped: dict[str, str] = {}
     profiled: dict[str, Any] | None = None
 
-    held: dict[str, float] = {}  # GiB allocated on the GPU as each contender is built (earlier ones freed)
+    allocated_gib: dict[str, float] = {}  # on the GPU as each contender is built (earlier ones freed)
 
     def build(name: str) -> Callable[[], None] | None:
         if device.type == "cuda":
-            held[name] = torch.cuda.memory_allocated(device) / 2**30
+            allocated_gib[name] = torch.cuda.memory_allocated(device) / 2**30
         try:
             return builders[name]()
         except Exception as err:  # a reference that cannot run here (megatron on CPU) is reported, not fatal
@@ -305,7 +305,7 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
         """A reference that fails mid-run is reported like one that cannot be built; pretrain's own failure is fatal."""
         if name == "pretrain":
             raise err
-        before = f" ({held[name]:.1f} GiB allocated before it was built)" if name in held else ""
+        before = f" ({allocated_gib[name]:.1f} GiB allocated before it was built)" if name in allocated_gib else ""
         skipped[name] = f"failed while training{before}: {type(err).__name__}: {err}".splitlines()[0][:240]
         times.pop(name, None)
 
