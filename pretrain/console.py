@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from pretrain.metrics import console_line, format_eta
 
@@ -51,13 +51,15 @@ class StartupInfo:
     data: list[str]
     precision: str
     attention: str
+    compiled: bool
     resume: str
     outputs: str
 
     def lines(self) -> list[str]:
         rows = [("model", self.model), ("layout", self.layout), ("batch", self.tokens_per_step)]
         rows += [("data" if i == 0 else "", line) for i, line in enumerate(self.data)]
-        rows += [("precision", f"{self.precision} | attention {self.attention}"), ("start", self.resume),
+        compiled = "compiled blocks (model.compile)" if self.compiled else "eager blocks"
+        rows += [("precision", f"{self.precision} | attention {self.attention} | {compiled}"), ("start", self.resume),
                  ("outputs", self.outputs)]
         return [f"  {key:<10} {value}" for key, value in rows]
 
@@ -93,8 +95,8 @@ def data_lines(cfg: Config, data_dir: Any) -> list[str]:
 
 
 def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str, zero_stage: int, parameters: int,
-                 tokens_per_step: int, grad_accum: int, precision: str, attention: str, data_dir: Any,
-                 start: str) -> StartupInfo:
+                 tokens_per_step: int, grad_accum: int, precision: str, attention: str, compiled: bool,
+                 data_dir: Any, start: str) -> StartupInfo:
     m, t = cfg.model, cfg.train
     embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
     ckpt = cfg.checkpoint
@@ -115,7 +117,8 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
         tokens_per_step=(f"{tokens_per_step:,} tokens/step = {t.micro_batch_size} seqs x {t.seq_len} tokens x "
                          f"dp {dp} x accum {grad_accum} | {t.max_steps} steps = "
                          f"{t.max_steps * tokens_per_step:,} tokens"),
-        data=data_lines(cfg, data_dir), precision=precision, attention=attention, resume=start,
+        data=data_lines(cfg, data_dir), precision=precision, attention=attention, compiled=compiled,
+        resume=start,
         outputs=f"metrics.jsonl, config.yaml, checkpoints/ ({every}, {keep}){wandb}")
 
 
@@ -130,13 +133,15 @@ class Progress:
     """
 
     def __init__(self, max_steps: int, start_step: int, log_interval: int, enabled: bool,
-                 stream: TextIO | None = None, live: bool | None = None) -> None:
+                 stream: TextIO | None = None, live: bool | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.max_steps, self.start_step, self.log_interval = max_steps, start_step, max(1, log_interval)
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.live = enabled and (self.stream.isatty() if live is None else live)
-        self._start = time.perf_counter()
+        self._clock = clock
         self._latest = start_step  # the newest step run (ETA and the bar count from it)
+        self._warm: tuple[int, float] | None = None  # (step, time) when the process's first step ended
         self._bar = None
         if self.live:
             from tqdm import tqdm
@@ -147,16 +152,21 @@ class Progress:
                                         "[{elapsed}<{remaining}{postfix}]", desc="train")
 
     def eta(self, step: int) -> float:
-        done = step - self.start_step
-        if done <= 0:
+        """Seconds left, at the pace of the steps since this process's first: that one also compiles
+        the blocks and warms the allocator, and would make the estimate of a long run many times too
+        long. Unknown (nan) until a second step has run."""
+        if self._warm is None or step <= self._warm[0]:
             return float("nan")
-        return (time.perf_counter() - self._start) / done * (self.max_steps - step)
+        warm_step, warm_time = self._warm
+        return (self._clock() - warm_time) / (step - warm_step) * (self.max_steps - step)
 
     def update(self, step: int, record: dict[str, Any] | None) -> None:
         if not self.enabled:
             return
         if record is None or step >= self._latest:  # records of earlier steps may arrive later, in a batch
             self._latest = step
+            if self._warm is None:
+                self._warm = (step, self._clock())
         if self._bar is not None:
             if record is not None and "loss" in record:
                 self._bar.set_postfix_str(postfix(record), refresh=False)

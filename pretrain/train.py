@@ -43,6 +43,7 @@ from pretrain.generate import generate, parallel_logits
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
+from pretrain.model.compiling import resolve_compile
 from pretrain.parallel import zero3
 from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
                                       deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)
@@ -422,9 +423,7 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
                           f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
     accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
-    # Default: compile on CUDA, except under ZeRO-3, whose parameter-gathering hooks fire inside each block.
-    compile_blocks = cfg.model.compile if cfg.model.compile is not None else (
-        dims.device.type == "cuda" and cfg.parallel.zero_stage < 3)
+    compile_blocks = resolve_compile(cfg.model.compile, dims.device, cfg.parallel.zero_stage)
     autocast = autocast_dtype(precision, engine_zero_stage(cfg.parallel.zero_stage, dims.dp))
     with zero3.construction_context(cfg.parallel.zero_stage, deepspeed_config(cfg, accum, precision), dtype,
                                     dims.device):
@@ -451,8 +450,7 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
                            parameters=count_parameters(model), tokens_per_step=trainer.tokens_per_step,
                            grad_accum=engine.gradient_accumulation_steps(),
                            precision=describe_precision(precision, engine.zero_optimization_stage()),
-                           attention=backend,
-                           data_dir=data_dir, start=start).block())
+                           attention=backend, compiled=compile_blocks, data_dir=data_dir, start=start).block())
     return trainer
 
 

@@ -138,6 +138,10 @@ def train(overrides: list[str], run_dir: str, synthetic: bool | list[int] = Fals
     from pretrain.config import compose
     from pretrain.train import build
 
+    # Each run compiles its blocks as a fresh process would. Graphs left by an earlier run of
+    # another shape would make dynamo recompile this one with dynamic shapes: other kernels, whose
+    # last-bit differences would break the bit-exact comparisons between runs.
+    torch.compiler.reset()
     cfg = compose([*overrides, f"run.dir={run_dir}"], world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer = build(cfg)
     if synthetic is not False:

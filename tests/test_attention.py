@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from pretrain.config import ConfigError
 from pretrain.model.attention import (Documents, FlexKernel, SDPAKernel, attention_kernel, document_ids,
                                       resolve_backend)
 
@@ -147,9 +148,9 @@ def test_backend_choice_follows_device_and_precision() -> None:
     assert resolve_backend("auto", cpu, "fp32") == "sdpa"
     assert resolve_backend("auto", cpu, "bf16") == "sdpa"
     assert resolve_backend("sdpa", cpu, "bf16") == "sdpa"
-    with pytest.raises(RuntimeError, match="model.attention=sdpa"):
+    with pytest.raises(ConfigError, match="model.attention=sdpa"):
         resolve_backend("flash", cpu, "bf16")
-    with pytest.raises(RuntimeError, match="model.attention=sdpa"):
+    with pytest.raises(ConfigError, match="model.attention=sdpa"):
         resolve_backend("flex", cpu, "fp32")
     if not torch.cuda.is_available():
         return

@@ -59,3 +59,17 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
 
     assert profile_lines(prof)[0].startswith("profile of pretrain, 1 step(s): ")
     assert profile_lines(prof)[1].startswith("  by kind: ") and "matmul" in profile_lines(prof)[1]
+
+
+def test_ratio_quartiles_stay_within_the_measured_step_ratios() -> None:
+    """Three interleaved steps, one of them slow for pretrain alone: the per-step ratios are 1.0,
+    1.1 and 0.2. Their quartiles must lie among them (0.6 to 1.05), where the default 'exclusive'
+    method would extrapolate past the slowest step and can give a ratio below zero."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import step_ratios
+
+    ratios, spreads = step_ratios({"pretrain": [1.0, 1.0, 5.0], "transformers": [1.0, 1.1, 1.0]}, interleaved=True)
+    assert ratios["transformers"] == pytest.approx(1.0)
+    assert spreads["transformers"] == pytest.approx([0.6, 1.05])
+    ratios, spreads = step_ratios({"pretrain": [1.0, 1.0, 5.0, 1.0], "eager": [0.2, 1.0, 1.0, 1.0]}, interleaved=True)
+    assert 0.2 <= spreads["eager"][0] <= ratios["eager"] <= spreads["eager"][1] <= 1.0

@@ -93,6 +93,7 @@ def _run(layout: str, run_dir: Path, resume_from: Path | None = None) -> dict:
     world, overrides = LAYOUTS[layout]
     if parallel_state.model_parallel_is_initialized():  # the previous layout's grid
         parallel_state.destroy_model_parallel()
+    torch.compiler.reset()  # and its compiled blocks (see helpers.train)
     interval = SAVE_AT if resume_from is None else 0
     cfg = compose([*BASE, *overrides, f"run.dir={run_dir}", f"checkpoint.interval={interval}",
                    "checkpoint.resume=false"], world_size=world)

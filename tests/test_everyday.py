@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import HUNG
+from pretrain.model.compiling import inductor_builds_cpu_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -59,11 +60,14 @@ def test_console_shows_startup_block_progress_eval_and_sample_once(run) -> None:
     assert "128 tokens/step = 2 seqs x 32 tokens x dp 2 x accum 1 | 6 steps = 768 tokens" in block[3]
     assert re.search(r"train [\d,]+ tokens \(\d+ shards\), val [\d,]+ tokens", block[4])
     assert "fp32 | attention sdpa" in block[5] and "fresh weights" in block[6]
+    assert ("compiled blocks" if inductor_builds_cpu_kernels() else "eager blocks") in block[5]
     # stdout is a pipe: plain lines at log_interval (plus the first step), from rank 0 only
     steps = [int(m.group(1)) for m in re.finditer(r"^step +(\d+)/6 \| loss", out, re.M)]
     assert steps == [1, 2, 4, 6]
+    # the first step's line has no ETA yet (that step compiles); later ones count from it
     assert re.search(r"^step +1/6 \| loss [\d.]+ \| lr [\d.e+-]+ \| grad_norm [\d.]+ \| [\d,]+ tok/s \| "
-                     r"MFU [\d.]+% \| ETA \d+:\d\d:\d\d$", out, re.M)
+                     r"MFU [\d.]+% \| ETA \?$", out, re.M)
+    assert re.search(r"^step +4/6 \| loss .* \| ETA \d+:\d\d:\d\d$", out, re.M)
     evals = re.findall(r"^step +(\d)/6 \| eval_loss ([\d.]+) \| eval ([\d.]+) bits/byte", out, re.M)
     assert [e[0] for e in evals] == ["3", "6"]
     logged = [r for r in records(run_dir) if "eval_loss" in r]
@@ -185,6 +189,22 @@ def test_progress_bar_on_a_terminal_shows_step_loss_lr_speed_mfu_and_eta() -> No
     assert "12/20" in last and "loss 7.800" in last and "lr 1.0e-03" in last
     assert "4,321 tok/s" in last and "MFU 12.3%" in last and re.search(r"\[\d\d:\d\d<\d\d:\d\d", last)
     assert "eval_loss 7.0000\n" in text
+
+
+def test_eta_counts_from_the_end_of_the_first_step() -> None:
+    """A first step that compiles for 100 s, then 1 s a step: after step 5 of 20 the 15 steps left
+    take 15 s, where an average over all steps would say 312 s."""
+    from pretrain.console import Progress
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(max_steps=20, start_step=0, log_interval=5, enabled=True, stream=out, clock=lambda: now[0])
+    for step in range(1, 6):
+        now[0] += 100.0 if step == 1 else 1.0
+        progress.update(step, {"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_sec": 10.0, "mfu": 0.5,
+                               "grad_norm": 1.0})
+    first, fifth = out.getvalue().splitlines()
+    assert first.endswith("ETA ?") and fifth.endswith("ETA 0:00:15")
 
 
 def test_progress_without_a_terminal_prints_plain_lines_at_the_log_interval() -> None:

@@ -345,6 +345,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from pretrain.config import compose
     from pretrain.metrics import flops_per_token, peak_flops
     from pretrain.model.attention import resolve_backend
+    from pretrain.model.compiling import resolve_compile
     from pretrain.precision import describe_precision
     from pretrain.train import build
 
@@ -388,8 +389,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "precision": precision, "precision_mode": describe_precision(precision, engine_stage),
         "zero_stage": a.zero_stage, "engine_zero_stage": engine_stage,
         "attention": backend,
-        "compile": bool(cfg.model.compile if cfg.model.compile is not None else
-                        device.type == "cuda" and cfg.parallel.zero_stage < 3),
+        "compile": resolve_compile(cfg.model.compile, device, cfg.parallel.zero_stage),
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
         "results": results, "skipped": skipped,
         "ratios": ratios, "ratio_quartiles": spreads,
@@ -411,7 +411,9 @@ def step_ratios(times: dict[str, list[float]], interleaved: bool) -> tuple[dict[
         if name == "pretrain":
             continue
         per_step = [t / o for o, t in zip(ours, theirs)] if interleaved else [t / ours_median for t in theirs]
-        q1, q2, q3 = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+        # inclusive: quartiles within the measured ratios (the default method extrapolates past them,
+        # even below zero, when a few steps include one slow outlier)
+        q1, q2, q3 = statistics.quantiles(per_step, n=4, method="inclusive") if len(per_step) > 1 else per_step * 3
         ratios[name], spreads[name] = q2, [q1, q3]
     return ratios, spreads
 

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import ConfigError
+
 BACKENDS = ("auto", "flash", "flex", "sdpa")
 FLEX_BLOCK = 128  # FlexAttention's default block: the sequence lengths its compiled kernel is used for
 
@@ -73,11 +75,11 @@ def resolve_backend(requested: str, device: torch.device, precision: str) -> str
             return "flash"
         return "flex" if device.type == "cuda" else "sdpa"
     if requested == "flash" and not flash_usable:
-        raise RuntimeError("model.attention=flash needs CUDA, bf16 (train.precision) and the flash-attn "
-                           "package (pip install '.[gpu]'); use model.attention=sdpa")
+        raise ConfigError("config error: model.attention=flash needs CUDA, bf16 (train.precision) and the "
+                          "flash-attn package (pip install '.[gpu]'); use model.attention=sdpa")
     if requested == "flex" and device.type != "cuda":
-        raise RuntimeError("model.attention=flex trains only on CUDA (torch has no FlexAttention backward "
-                           "on CPU); use model.attention=sdpa")
+        raise ConfigError("config error: model.attention=flex trains only on CUDA (torch has no FlexAttention "
+                          "backward on CPU); use model.attention=sdpa")
     return requested
 
 
