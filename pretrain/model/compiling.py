@@ -28,7 +28,7 @@ def resolve_compile(requested: bool | None, device: torch.device, zero_stage: in
     a C++ compiler on the CPU) and ZeRO is below 3: ZeRO-3's parameter-gathering hooks fire inside
     each block, and a compiled block would break its graph at every one of them.
 
-    On the CPU the compiled blocks fuse RMSNorm, RoPE, SwiGLU and the residual adds: 1.08-1.10x the
+    On the CPU the compiled blocks fuse RMSNorm, RoPE, SwiGLU and the residual adds: 1.06-1.10x the
     eager model's tokens/s in tools/benchmark.py (2 cores, fp32), for ~15 s of compiling on first
     use and ~5 s once inductor's on-disk cache holds the kernels."""
     cpu_without_compiler = device.type == "cpu" and not inductor_builds_cpu_kernels()
