@@ -38,3 +38,22 @@ def test_gpu_tests_spread_test_by_test_over_the_workers() -> None:
         workers[worker].append(test)
     assert sum(map(len, workers.values())) >= 10
     assert len(workers) == 3, dict(workers)
+
+
+def test_benchmark_parts_are_commands_the_benchmark_accepts_within_8_minutes() -> None:
+    """Each benchmark command gpu_check runs parses as tools/benchmark.py's arguments (a typo would
+    only show on a GPU), and the default limits of all parts add up to under 8 minutes."""
+    from benchmark import parse_args as benchmark_args
+    from gpu_check import benchmark_parts, parse_args
+
+    a = parse_args([])
+    (first, ratios, _), (second, global_batch, _) = benchmark_parts(a)
+    assert "seq 2048" in first and "8 micro-batches" in second
+    ours = benchmark_args(ratios[2:])  # after python and the script
+    assert (ours.preset, ours.seq_len, ours.precision, ours.grad_accum, ours.profile) == ("1b", 2048, "bf16", 1, 2)
+    assert ours.references == "transformers,eager,megatron"
+    alone = benchmark_args(global_batch[2:])
+    assert (alone.preset, alone.grad_accum, alone.references) == ("1b", 8, "")
+    limits = a.test_timeout + a.launch_timeout + sum(limit for _, _, limit in benchmark_parts(a))
+    assert limits < 8 * 60, limits
+    assert [name for name, _, _ in benchmark_parts(parse_args(["--global-batch-accum", "0"]))] == [first]

@@ -1,6 +1,6 @@
 """One command for a machine with one CUDA GPU: the `gpu` tests, then a short bf16 benchmark.
 
-    python tools/gpu_check.py                 # under 8 minutes (7m40s at most)
+    python tools/gpu_check.py                 # under 8 minutes (7m50s at most)
     python tools/gpu_check.py --skip-tests    # benchmark only
 
 It runs `pytest -m gpu` (on several workers where pytest-xdist is installed, each test under a time
@@ -8,9 +8,10 @@ limit where pytest-timeout is), then the README's default training job for a few
 (`python -m launch`: torchrun, NCCL, bf16, compiled blocks), then `tools/benchmark.py --preset 1b
 --seq-len 2048 --precision bf16 --steps N --json --profile 2`, and prints the benchmark's MFU, its
 ratios against the references measured in the same run, and where pretrain's step goes (its busiest
-kernels, and how much of the step the GPU was busy). Each part has a hard time limit; a part that
-fails or runs out of time is reported in one line and the others still run. Exit status 0 only if
-every part passed.
+kernels, and how much of the step the GPU was busy). Last, the same benchmark of pretrain alone over 8
+micro-batches a step (`--grad-accum 8`), the MFU of a run with a real global batch. Each part has a
+hard time limit; a part that fails or runs out of time is reported in one line and the others still
+run. Exit status 0 only if every part passed.
 
 Dependencies that the machine lacks (deepspeed, megatron-core, hydra-core, webdataset) can come
 from a wheelhouse installed offline to a directory on PYTHONPATH; this script passes its own
@@ -92,20 +93,43 @@ def summarize(result: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def benchmark_parts(a: argparse.Namespace) -> list[tuple[str, list[str], float]]:
+    """(name, command, time limit) of each benchmark run: pretrain against the references at one
+    micro-batch a step (the ratios, comparable with earlier runs), then pretrain alone over
+    --global-batch-accum micro-batches a step, whose MFU is the one a run with a real global batch
+    sees (the optimizer step spread over all its micro-batches)."""
+    common = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
+              "--json"]
+    parts = [("benchmark 1b bf16 seq 2048", [*common, "--steps", str(a.steps), "--grad-accum", str(a.grad_accum),
+                                             "--profile", str(a.profile_steps)], a.bench_timeout)]
+    if a.global_batch_accum:
+        parts.append((f"benchmark 1b, {a.global_batch_accum} micro-batches a step",
+                      [*common, "--steps", "4", "--grad-accum", str(a.global_batch_accum), "--references", ""],
+                      a.global_batch_timeout))
+    return parts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--test-timeout", type=float, default=220, help="seconds for pytest -m gpu")
+    p.add_argument("--test-timeout", type=float, default=200, help="seconds for pytest -m gpu")
     p.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers sharing the GPU (0: none)")
-    p.add_argument("--launch-timeout", type=float, default=90, help="seconds for the default training job")
+    p.add_argument("--launch-timeout", type=float, default=80, help="seconds for the default training job")
     p.add_argument("--launch-steps", type=int, default=100, help="steps of the default training job")
-    p.add_argument("--bench-timeout", type=float, default=150, help="seconds for the benchmark")
+    p.add_argument("--bench-timeout", type=float, default=130, help="seconds for the benchmark")
     p.add_argument("--steps", type=int, default=10, help="timed benchmark steps")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per benchmark step (8 or more: the MFU of a real global batch)")
     p.add_argument("--profile-steps", type=int, default=2,
                    help="pretrain steps the benchmark profiles after timing (0: none): top kernels, device busy share")
+    p.add_argument("--global-batch-accum", type=int, default=8, metavar="N",
+                   help="micro-batches a step of the second, pretrain-only benchmark (0: skip it)")
+    p.add_argument("--global-batch-timeout", type=float, default=60, help="seconds for that benchmark")
     p.add_argument("--skip-tests", action="store_true", help="skip pytest -m gpu (the job and benchmark still run)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
 
     try:
         import torch
@@ -130,23 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         results["default job"], _ = run_part(
             "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
                                      f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
-    bench_cmd = [sys.executable, "tools/benchmark.py", "--preset", "1b", "--seq-len", "2048", "--precision", "bf16",
-                 "--steps", str(a.steps), "--grad-accum", str(a.grad_accum), "--json",
-                 "--profile", str(a.profile_steps)]
-    ok, out = run_part("benchmark 1b bf16 seq 2048", bench_cmd, a.bench_timeout)
-    result = last_json(out) if ok else None
-    if ok and result is None:
-        print("== benchmark: FAILED, printed no JSON object (expected --json output)", flush=True)
-        ok = False
-    results["benchmark"] = ok
-    if result is not None:
-        print("== benchmark summary (MFU by the PaLM formula against the GPU's dense bf16 peak):")
-        print("\n".join(summarize(result)) or "   (no MFU or ratio keys in the JSON)")
-        if "profile" in result:
-            sys.path.insert(0, str(ROOT / "tools"))
-            from benchmark import profile_lines
+    for i, (name, command, timeout) in enumerate(benchmark_parts(a)):
+        ok, out = run_part(name, command, timeout)
+        result = last_json(out) if ok else None
+        if ok and result is None:
+            print(f"== {name}: FAILED, printed no JSON object (expected --json output)", flush=True)
+            ok = False
+        results[name] = ok
+        if result is not None:
+            print(f"== {name}, summary (MFU by the PaLM formula against the GPU's dense bf16 peak):")
+            print("\n".join(summarize(result)) or "   (no MFU or ratio keys in the JSON)")
+            if "profile" in result:
+                sys.path.insert(0, str(ROOT / "tools"))
+                from benchmark import profile_lines
 
-            print("\n".join(profile_lines(result["profile"])), flush=True)
+                print("\n".join(profile_lines(result["profile"])), flush=True)
 
     print("== gpu_check: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in results.items()), flush=True)
     return 0 if all(results.values()) else 1
