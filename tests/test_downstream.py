@@ -106,3 +106,30 @@ def test_evaluate_tool_scores_a_checkpoint_as_training_did(exported, tmp_path: P
     written = json.loads(out.read_text())
     assert written["step"] == 3
     assert {k: written[k] for k in scores} == pytest.approx(scores, abs=1e-9)
+
+
+def _graphs_compiled_while_scoring(overrides: list[str], run_dir: str) -> tuple[bool, int]:
+    import os
+
+    from torch._dynamo.utils import counters
+
+    from pretrain.config import compose
+    from pretrain.data import load_tokenizer
+    from pretrain.evals.lm import PretrainLM
+    from pretrain.train import build
+
+    trainer = build(compose([*overrides, f"run.dir={run_dir}"], world_size=int(os.environ["WORLD_SIZE"])))
+    model = trainer.engine.module
+    compiled = model.layers[0]._compiled_call_impl is not None  # set by nn.Module.compile()
+    lm = PretrainLM(model, load_tokenizer(trainer.data_dir), max_length=256, device=trainer.dims.device, batch_size=8)
+    before = counters["stats"]["unique_graphs"]
+    lm.loglikelihood(_requests(), disable_tqdm=True)
+    return compiled, counters["stats"]["unique_graphs"] - before
+
+
+def test_scoring_runs_compiled_blocks_eagerly(tmp_path) -> None:
+    """The requests' batches each have their own width: scoring them through compiled blocks would
+    compile again and again (twice as slow as eager in a 4-step run with one downstream eval)."""
+    compiled, graphs = run_distributed(_graphs_compiled_while_scoring, 1, TINY + ["model.compile=true"],
+                                       str(tmp_path / "run"))[0]
+    assert compiled and graphs == 0

@@ -80,7 +80,10 @@ class PretrainLM(TemplateLM):
             ids[i, :len(r)] = torch.tensor(r)
         was_training = self.model.training
         self.model.eval()
-        logits = self.model(ids.to(self._device)).float()  # [b, s, vocab / tp]
+        # Eager even where the blocks are compiled (model.compile): every batch has its own width,
+        # and each would recompile them.
+        with torch.compiler.set_stance("force_eager"):
+            logits = self.model(ids.to(self._device)).float()  # [b, s, vocab / tp]
         self.model.train(was_training)
         if self.tp > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp)]
