@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         results["default job"], _ = run_part(
             "default training job", [sys.executable, "-m", "launch", f"train.max_steps={a.launch_steps}",
                                      f"run.dir={run_dir}", "logging.wandb=disabled"], a.launch_timeout)
-    for i, (name, command, timeout) in enumerate(benchmark_parts(a)):
+    for name, command, timeout in benchmark_parts(a):
         ok, out = run_part(name, command, timeout)
         result = last_json(out) if ok else None
         if ok and result is None:
