@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.compiling import resolve_compile
 from pretrain.config import Config, ConfigError, ModelConfig, engine_zero_stage, grad_accum_steps
 from pretrain.precision import bf16_weights
 
@@ -82,7 +83,9 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     (no s^2 score matrix), divided by tp under sequence parallelism; under autocast the two norms
     of a layer keep their fp32 inputs (the residual stream stays fp32), 4*s*b*h bytes more. Full
     recompute keeps one layer's worth plus each layer's input. The loss holds the micro-batch's
-    logits (vocab/tp per token) in the compute dtype plus an fp32 copy for the softmax.
+    logits (vocab/tp per token) in the compute dtype plus an fp32 copy for the softmax; compiled
+    (model.compile on one TP rank) it keeps no fp32 copy, and writes their gradient in the compute
+    dtype while they are still held.
     """
     tp, z = cfg.parallel.tp, engine_zero_stage(cfg.parallel.zero_stage, dp)
     p = params / tp
@@ -111,7 +114,12 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
     else:
         activations = per_layer * m.num_layers
-    logits = t.seq_len * t.micro_batch_size * m.vocab_size / tp * ((2 if bf16 else 4) + 4)
+    compute = 2 if bf16 else 4
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    # (in fp32 the compiled loss holds what eager does; asking saves the C++ compiler search on the CPU)
+    compiled_loss = bf16 and tp == 1 and resolve_compile(m.compile, torch.device("cuda" if on_cuda else "cpu"),
+                                                          cfg.parallel.zero_stage)
+    logits = t.seq_len * t.micro_batch_size * m.vocab_size / tp * (compute + (compute if compiled_loss else 4))
     gib = 1024**3
     parts = {"weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets, "casts": casts,
              "activations": activations, "logits": logits}

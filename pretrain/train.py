@@ -43,7 +43,7 @@ from pretrain.generate import generate, parallel_logits
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.model.compiling import resolve_compile
+from pretrain.compiling import resolve_compile
 from pretrain.parallel import zero3
 from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
                                       deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)

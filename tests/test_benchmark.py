@@ -73,3 +73,34 @@ def test_ratio_quartiles_stay_within_the_measured_step_ratios() -> None:
     assert spreads["transformers"] == pytest.approx([0.6, 1.05])
     ratios, spreads = step_ratios({"pretrain": [1.0, 1.0, 5.0, 1.0], "eager": [0.2, 1.0, 1.0, 1.0]}, interleaved=True)
     assert 0.2 <= spreads["eager"][0] <= ratios["eager"] <= spreads["eager"][1] <= 1.0
+
+
+def test_the_megatron_reference_is_the_same_model_and_recomputes_its_attention_scores() -> None:
+    """megatron-core's reference: the parameters of pretrain's model of the same shape, and
+    selective recompute of its unfused attention, which otherwise keeps every layer's [batch,
+    heads, seq, seq] scores for the backward (the 1b preset ran an H100 out of memory without it).
+    Its forward needs CUDA, but it builds on the CPU: a setting this megatron-core refuses fails here."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from launch.plan import parameter_count
+    from pretrain.config import compose
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import megatron_gpt
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        cfg = compose(["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+                       "model.vocab_size=1024"])
+        model = megatron_gpt(cfg, 32, torch.device("cpu"))
+    finally:
+        parallel_state.destroy_model_parallel()
+        if started:
+            dist.destroy_process_group()
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg.model)
+    layers = model.decoder.layers
+    assert len(layers) == 2 and all(layer.self_attention.checkpoint_core_attention for layer in layers)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.model.compiling import inductor_builds_cpu_kernels, resolve_compile
+from pretrain.compiling import inductor_builds_cpu_kernels, resolve_compile
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

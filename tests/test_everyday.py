@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import HUNG
-from pretrain.model.compiling import inductor_builds_cpu_kernels
+from pretrain.compiling import inductor_builds_cpu_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",

@@ -124,3 +124,24 @@ def test_memory_plan_matches_tensor_bytes_per_component(tmp_path) -> None:
             measured = r["measured"][part]
             assert abs(planned - measured) <= 0.15 * measured, f"{name} {part}: plan {planned * 1024:.2f} MiB, " \
                                                                f"tensors {measured * 1024:.2f} MiB"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_logits_term_follows_the_loss_that_runs(tp: int) -> None:
+    """Bytes per logit in the plan: in bf16 the compiled loss keeps the 16-bit logits and writes a
+    16-bit gradient while they are held (2 + 2), where eager adds an fp32 copy (2 + 4); what each
+    keeps for its backward is measured in tests/test_model.py. In fp32 both hold 4 + 4. Under TP the
+    loss is megatron-core's vocab-parallel one, which is never compiled."""
+    from launch.plan import make_plan
+    from pretrain.config import compose
+
+    def bytes_per_logit(*overrides: str) -> float:
+        cfg = compose([*TINY, "train.device=cpu", f"parallel.tp={tp}", *overrides], world_size=2)
+        cfg.launcher.nproc_per_node = 2
+        t = cfg.train
+        return make_plan(cfg).memory_gib["logits"] * 1024**3 / (t.seq_len * t.micro_batch_size * cfg.model.vocab_size / tp)
+
+    for precision, compiled_bytes in (("bf16", 4 if tp == 1 else 6), ("fp32", 8)):
+        assert bytes_per_logit(f"train.precision={precision}", "model.compile=false") == pytest.approx(
+            6 if precision == "bf16" else 8)
+        assert bytes_per_logit(f"train.precision={precision}", "model.compile=true") == pytest.approx(compiled_bytes)

@@ -322,3 +322,64 @@ def test_a_callers_autocast_reaches_a_model_without_its_own() -> None:
         assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
     with torch.no_grad():
         assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.float32
+
+
+# --- the compiled loss -----------------------------------------------------------------------
+
+def saved_bytes_per_logit(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Bytes the loss keeps for its backward (autograd's saved tensors), per logit."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(logits, labels)
+    return sum(saved.values()) / logits.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_loss_computes_the_eager_loss_and_keeps_the_logits_own_dtype(dtype: torch.dtype) -> None:
+    """model.compile's loss (compiled_whole_vocab_loss) gives the eager loss and logits gradient
+    within fp32 rounding (inductor sums the log-sum-exp in another order), from fp32 and bf16
+    logits alike. For its backward it keeps the logits themselves, in their own dtype; eager keeps an
+    fp32 log-softmax, twice the bytes of bf16 logits (the memory plan's logits term)."""
+    from pretrain.parallel.layers import compiled_whole_vocab_loss, whole_vocab_loss
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(16, 3, 1000, generator=g) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 1000, (16, 3), generator=g)
+    results = {}
+    for name, loss_fn in (("eager", whole_vocab_loss), ("compiled", compiled_whole_vocab_loss())):
+        loss = loss_fn(logits, labels)
+        (grad,) = torch.autograd.grad(loss, logits)
+        results[name] = (loss, grad, saved_bytes_per_logit(loss_fn, logits, labels))
+    (loss, grad, kept), (eager_loss, eager_grad, eager_kept) = results["compiled"], results["eager"]
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    # per row of 1,000 logits, the label (and the compiled loss's log-sum-exp) add 0.02 bytes a logit
+    assert eager_kept == pytest.approx(4, abs=0.05)  # the fp32 log-softmax
+    assert kept == pytest.approx(logits.element_size(), abs=0.05)  # the logits themselves
+
+
+def test_a_model_with_compiled_blocks_compiles_its_loss_too() -> None:
+    """The loss is a compiled graph of its own, beside the blocks', and only with labels (logits
+    for generation and scoring are returned before it)."""
+    from torch._dynamo.utils import counters
+
+    model = build(model_config())
+    torch._dynamo.reset()
+    compiled = type(model)(model_config(), attention="sdpa", compile_blocks=True)
+    compiled.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
+    counters.clear()
+    with torch.no_grad():
+        compiled(ids)
+    graphs_without_loss = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        got, want = compiled(ids, ids), model(ids, ids)
+    assert counters["stats"]["unique_graphs"] == graphs_without_loss + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

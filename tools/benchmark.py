@@ -192,28 +192,41 @@ def build_eager(cfg, a, device: torch.device, bf16: bool, backend: str) -> Calla
     return plain_loop_step(model, adamw(model.parameters(), device), batches, device, bf16, a.grad_accum, loss_of)
 
 
-def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], None]:
-    """megatron-core's GPTModel with its local (no Transformer Engine) layer spec, on CUDA."""
+def megatron_gpt(cfg, seq_len: int, device: torch.device):
+    """megatron-core's GPTModel of the same shape, with its local (no Transformer Engine) layer spec.
+    It builds on any device; its forward runs only on CUDA (its RoPE asks for the current CUDA device)."""
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if device.type != "cuda":
-        raise RuntimeError("megatron-core's GPTModel runs only on CUDA")
     m = cfg.model
-    model_parallel_cuda_manual_seed(0)
     config = TransformerConfig(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
                                num_query_groups=m.kv_heads, ffn_hidden_size=m.ffn_size, normalization="RMSNorm",
                                layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu,
                                add_bias_linear=False, bias_activation_fusion=False, masked_softmax_fusion=False,
                                persist_layer_norm=False, apply_rope_fusion=False, bias_dropout_fusion=False,
-                               hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_std)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=m.vocab_size, max_sequence_length=max(a.seq_len, 1024), position_embedding_type="rope",
-                     rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_embeddings).to(device)
-    batches = iter(RandomBatches(m.vocab_size, a.batch, a.seq_len))
+                               hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_std,
+                               use_cpu_initialization=device.type == "cpu",
+                               # The local spec's attention is unfused: it would keep every layer's
+                               # [batch, heads, seq, seq] scores for the backward, which ran the 1b preset at
+                               # 4 x 2048 out of an H100's 80 GB. Recomputing them, megatron's selective
+                               # recompute, is how that spec is run at long sequences.
+                               recompute_granularity="selective")
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                    vocab_size=m.vocab_size, max_sequence_length=max(seq_len, 1024), position_embedding_type="rope",
+                    rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_embeddings).to(device)
+
+
+def build_megatron(cfg, a, device: torch.device, bf16: bool) -> Callable[[], None]:
+    """megatron_gpt in a plain loop, on CUDA."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if device.type != "cuda":
+        raise RuntimeError("megatron-core's GPTModel runs only on CUDA")
+    model_parallel_cuda_manual_seed(0)
+    model = megatron_gpt(cfg, a.seq_len, device)
+    batches = iter(RandomBatches(cfg.model.vocab_size, a.batch, a.seq_len))
 
     def loss_of(model, batch):
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
@@ -345,7 +358,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from pretrain.config import compose
     from pretrain.metrics import flops_per_token, peak_flops
     from pretrain.model.attention import resolve_backend
-    from pretrain.model.compiling import resolve_compile
+    from pretrain.compiling import resolve_compile
     from pretrain.precision import describe_precision
     from pretrain.train import build
 

@@ -167,7 +167,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, attention: str | AttentionKernel = "sdpa",
                  on_cuda: bool = False, compile_blocks: bool = False, autocast: torch.dtype | None = None) -> None:
         """attention: a resolved backend name (pretrain.model.attention.resolve_backend) or a kernel;
-        compile_blocks: torch.compile each block (the model itself stays an nn.Module); autocast:
+        compile_blocks: torch.compile each block (the model itself stays an nn.Module) and, on one TP
+        rank, the loss (pretrain.parallel.layers.compiled_whole_vocab_loss); autocast:
         run the forward under torch.autocast to this dtype (fp32 weights, 16-bit matmuls and
         attention; pretrain.precision.autocast_dtype), for every caller: training, eval, generation."""
         super().__init__()
@@ -181,6 +182,7 @@ class GPT(nn.Module):
         if compile_blocks:
             for block in self.layers:
                 block.compile()  # compiles forward in place; parameter names do not change
+        self.compile_loss = compile_blocks
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.gather = SequenceGather(sequence_parallel, mp)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, mp, sequence_parallel,
@@ -216,4 +218,4 @@ class GPT(nn.Module):
         logits = self.lm_head(x, weight=weight)  # [s, b, v/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        return vocab_parallel_loss(logits, labels.t())
+        return vocab_parallel_loss(logits, labels.t(), compiled=self.compile_loss)
