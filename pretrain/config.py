@@ -68,9 +68,9 @@ class ModelConfig:
     CUDA flex (FlexAttention for batches with document boundaries, SDPA's flash/cuDNN kernel for whole
     documents); on CPU sdpa. flex trains only on CUDA (pretrain/model/attention.py)."""
     compile: Optional[bool] = None
-    """torch.compile each transformer block, and the loss on one TP rank. None = on wherever inductor can build kernels (CUDA; the CPU
-    when a C++ compiler is installed), except under ZeRO-3, whose hooks gather parameters inside each
-    block (pretrain/compiling.py)."""
+    """torch.compile each transformer block, and the loss on one TP rank. None = on wherever inductor
+    can build kernels (CUDA; the CPU when a C++ compiler is installed), except under ZeRO-3, whose hooks
+    gather parameters inside each block (pretrain/compiling.py)."""
     fused_qkv: bool = True
     """One matmul for q, k and v (qkv_proj) instead of three; checkpoints are the same either way."""
     fused_mlp: bool = True

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import pretrain.parallel  # noqa: F401  (first: sets DeepSpeed's accelerator, quiets megatron-core's import warnings)
 from megatron.core import parallel_state
 from pretrain import checkpoint
+from pretrain.compiling import resolve_compile
 from pretrain.config import Config, ConfigError, compose, engine_zero_stage, grad_accum_steps, to_dict, to_yaml
 from pretrain.console import Progress, above_progress_bar, describe_run
 from pretrain.data import Batch, DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
@@ -43,7 +44,6 @@ from pretrain.generate import generate, parallel_logits
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
 from pretrain.model.attention import resolve_backend
-from pretrain.compiling import resolve_compile
 from pretrain.parallel import zero3
 from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, deepspeed_config,
                                       deepspeed_reports_grad_norm, grad_norm_tensor, set_lr)

@@ -355,10 +355,10 @@ def time_steps(builders: dict[str, Callable[[], Callable[[], None]]], a: argpars
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from launch.plan import parameter_count
+    from pretrain.compiling import resolve_compile
     from pretrain.config import compose
     from pretrain.metrics import flops_per_token, peak_flops
     from pretrain.model.attention import resolve_backend
-    from pretrain.compiling import resolve_compile
     from pretrain.precision import describe_precision
     from pretrain.train import build
 
