@@ -35,6 +35,9 @@ def test_benchmark_json_reports_pretrain_and_every_reference(precision: str, mod
     assert set(report["results"]) == {"pretrain", "transformers", "eager"} | (
         {"megatron"} if torch.cuda.is_available() else set())
     assert report["grad_accum"] == report["engine_grad_accum"] == accum  # pretrain's engine took it
+    import transformers
+
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["transformers"] == transformers.__version__
     for name, r in report["results"].items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["step_s"] > 0, name
         assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * 32 * accum), name  # batch x seq x accum

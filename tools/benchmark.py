@@ -404,7 +404,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "attention": backend,
         "compile": resolve_compile(cfg.model.compile, device, cfg.parallel.zero_stage),
         "peak_flops": peak, "timing": "interleaved" if interleave else "sequential",
-        "results": results, "skipped": skipped,
+        "versions": package_versions(), "results": results, "skipped": skipped,
         "ratios": ratios, "ratio_quartiles": spreads,
         **({"profile": profiled} if profiled else {}),
     }
@@ -431,6 +431,20 @@ def step_ratios(times: dict[str, list[float]], interleaved: bool) -> tuple[dict[
     return ratios, spreads
 
 
+def package_versions() -> dict[str, str]:
+    """The installed versions of what the contenders run on: a ratio against a reference holds for
+    that version of it, and its speed moves from release to release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "deepspeed", "megatron-core", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["model"]
     lines = [f"model: hidden {m['hidden_size']}, layers {m['num_layers']}, heads {m['num_heads']}"
@@ -440,7 +454,8 @@ def table(report: dict[str, Any]) -> str:
              f"ZeRO-{report['zero_stage']}"
              + (f" (engine ZeRO-{report['engine_zero_stage']})" if report['engine_zero_stage'] != report['zero_stage']
                 else "") + f" | attention {report['attention']} | compile {report['compile']} | "
-             f"{report['timing']}, median of {report['steps']} steps"]
+             f"{report['timing']}, median of {report['steps']} steps",
+             "versions: " + ", ".join(f"{name} {v}" for name, v in report["versions"].items())]
     for name, r in report["results"].items():
         ratio = report["ratios"].get(name)
         spread = report["ratio_quartiles"].get(name)
