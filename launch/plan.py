@@ -115,6 +115,8 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     else:
         activations = per_layer * m.num_layers
     compute = 2 if bf16 else 4
+    # train.device as pretrain.parallel.groups.resolve_device reads it, without its error for a CUDA run
+    # planned on a host that has no GPU (and without loading megatron-core, which that module imports)
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     # (in fp32 the compiled loss holds what eager does; asking saves the C++ compiler search on the CPU)
     compiled_loss = bf16 and tp == 1 and resolve_compile(m.compile, torch.device("cuda" if on_cuda else "cpu"),

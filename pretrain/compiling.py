@@ -1,4 +1,4 @@
-"""Whether the transformer blocks are compiled (model.compile) when the config leaves it open."""
+"""Whether the transformer blocks and the loss are compiled (model.compile) when the config leaves it open."""
 
 from __future__ import annotations
 

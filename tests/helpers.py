@@ -31,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def storage_bytes(tensors) -> dict[int, int]:
+    """Bytes of the CPU tensors given, by storage: views of one buffer count once, and an empty
+    (released) tensor not at all."""
+    out = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            out[storage.data_ptr()] = storage.nbytes()
+    out.pop(0, None)
+    return out
+
+
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
     # Every rank, rank 0 included, joins the store run_distributed holds, as torchrun's workers join their agent's.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),

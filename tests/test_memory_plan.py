@@ -14,7 +14,7 @@ import gc
 import pytest
 import torch
 
-from helpers import TINY, run_distributed
+from helpers import TINY, run_distributed, storage_bytes
 
 # Big enough that the components dwarf the loop's small tensors (guard, batch, RoPE tables).
 SHAPE = ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=2", "parallel.reduce_bucket_size=200000"]
@@ -22,17 +22,6 @@ LAYOUTS = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"
            "zero2": ["parallel.zero_stage=2"], "zero3": ["parallel.zero_stage=3"],
            "tp2-zero1": ["parallel.zero_stage=1", "parallel.tp=2"],
            "zero0-bf16": ["parallel.zero_stage=0", "train.precision=bf16"]}
-
-
-def _storages(tensors) -> dict[int, int]:
-    """Bytes by storage (views of one flat buffer count once)."""
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.device.type == "cpu":
-            storage = t.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
-    out.pop(0, None)  # empty (released) tensors
-    return out
 
 
 def _reachable_tensors(root: object) -> list[torch.Tensor]:
@@ -73,14 +62,14 @@ class MeasureAtTheOptimizerStep:
             return
         model = self.engine.module
         params = list(model.parameters())
-        weights = _storages([getattr(p, "ds_tensor", p) for p in params])  # ZeRO-3: the rank's partition
+        weights = storage_bytes([getattr(p, "ds_tensor", p) for p in params])  # ZeRO-3: the rank's partition
         # The fp32 master partitions: ZeRO lends the torch optimizer one group's at a time.
         zero = self.engine.optimizer
         held = [p for g in optimizer.param_groups for p in g["params"]]
         held += getattr(zero, "single_partition_of_fp32_groups", []) + getattr(zero, "fp32_partitioned_groups_flat", [])
         held += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.ndim]
-        optim = {k: v for k, v in _storages(held).items() if k not in weights}
-        everything = _storages(_reachable_tensors(self.engine))
+        optim = {k: v for k, v in storage_bytes(held).items() if k not in weights}
+        everything = storage_bytes(_reachable_tensors(self.engine))
         rest = {k: v for k, v in everything.items() if k not in weights and k not in optim}
         self.bytes = {"weights": sum(weights.values()), "optimizer": sum(optim.values()),
                       "grads": sum(rest.values())}

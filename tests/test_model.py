@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, storage_bytes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -328,15 +328,15 @@ def test_a_callers_autocast_reaches_a_model_without_its_own() -> None:
 
 def saved_bytes_per_logit(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Bytes the loss keeps for its backward (autograd's saved tensors), per logit."""
-    saved: dict[int, int] = {}
+    saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss_fn(logits, labels)
-    return sum(saved.values()) / logits.numel()
+    return sum(storage_bytes(saved).values()) / logits.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -370,9 +370,11 @@ def test_a_model_with_compiled_blocks_compiles_its_loss_too() -> None:
     for generation and scoring are returned before it)."""
     from torch._dynamo.utils import counters
 
+    from pretrain.model import GPT
+
     model = build(model_config())
     torch._dynamo.reset()
-    compiled = type(model)(model_config(), attention="sdpa", compile_blocks=True)
+    compiled = GPT(model_config(), attention="sdpa", compile_blocks=True)
     compiled.load_state_dict(model.state_dict())
     ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
     counters.clear()
