@@ -1,4 +1,4 @@
-"""`python -m launch.agent <torchrun arguments>`: torch's elastic agent (torchrun), with two changes.
+"""`python -m launch.agent <torchrun arguments>`: torch's elastic agent (torchrun), with three changes.
 
 * SIGUSR1 (SLURM's warning before a time limit or a preemption) is passed on to the workers, which
   checkpoint and exit 0; the agent keeps running and then exits 0 as after any finished run.
@@ -7,16 +7,29 @@
   --shutdown_timeout seconds, then kills the workers.
 * A rendezvous that cannot form fails with one line naming its endpoint, instead of a bare
   RendezvousTimeoutError traceback.
+* Workers that stop on bad input (exit code 2) leave their one line with the agent
+  (pretrain.fatal); it prints each distinct line once and exits 2, without torchrun's
+  ChildFailedError report. A worker that crashes prints its own traceback; the agent adds one
+  line naming it and exits 1.
 
 Everything else, arguments included, is torchrun's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
+
+from pretrain import fatal
+
+# What torchrun logs when a worker exits early: the closing signal sent to the others and the first
+# failure. The agent says it in one line of its own (main), after the workers' own messages.
+_WORKER_EXIT_LOGS = ("Sending process %s closing signal %s", "failed (exitcode: %s) local_rank: %s")
 
 
 def _children() -> list[int]:
@@ -49,12 +62,29 @@ def _option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+def _quiet_worker_exits(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_WORKER_EXIT_LOGS)
+
+
+def _failure_line(rank: int, failure) -> str:
+    """One line naming the worker that failed first (a crash prints its own traceback above it)."""
+    if failure.exitcode >= 0:
+        return f"launch: rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}; its traceback is above"
+    signal_name = failure.signal_name()
+    why = " (by the kernel's out-of-memory killer, if no one sent it)" if signal_name == "SIGKILL" else ""
+    return f"launch: rank {rank} (pid {failure.pid}) was killed by {signal_name}{why}; the other ranks were stopped"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
     signal.signal(signal.SIGUSR1, _pass_on)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_worker_exits)
+    errors_dir = tempfile.mkdtemp(prefix="pretrain-errors-")
+    os.environ[fatal.ERRORS_DIR_ENV] = errors_dir
     # By default the workers of every restart share the rendezvous's TCPStore, where the previous
     # group's keys remain: after an elastic restart gloo then connects to the dead workers'
     # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it.
@@ -74,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
               f"join within {timeout}s. Check that every node started its launcher, that {endpoint} is "
               "reachable from each node, and launcher.rdzv_timeout.", file=sys.stderr, flush=True)
         return 1
+    except ChildFailedError as err:
+        for line in fatal.collected(errors_dir):
+            print(line, file=sys.stderr, flush=True)
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 2:  # bad input, already said in one line
+            return 2
+        print(_failure_line(rank, failure), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutil.rmtree(errors_dir, ignore_errors=True)
     return 0
 
 

@@ -8,9 +8,11 @@ the tests, so every path sees the same configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -130,8 +132,9 @@ class DataConfig:
     """Where the embedded corpus and its tokenizer are built once and reused."""
     embedded_vocab_size: int = 8192
     """Tokenizer size trained for the embedded corpus."""
-    verify_checksums: bool = False
-    """Hash every shard against the manifest before reading it."""
+    verify_checksums: bool = True
+    """Hash every local shard against the manifest's sha256 the first time it is read: bytes changed on disk
+    stop the run naming the shard, instead of training on them (a cost of about one extra read per shard)."""
     train_shards: Any = None
     """Instead of data.path: the training shards as WebDataset brace patterns, one or a list (local paths,
     pipe: commands, http(s) URLs), e.g. '/data/train-{000000..000099}.tar'. Each shard is read once at the
@@ -569,6 +572,21 @@ def engine_zero_stage(zero_stage: int, dp: int) -> int:
     return 0 if zero_stage in (1, 2) and dp == 1 else zero_stage
 
 
+def _key_outside(schema: type, values: dict, prefix: str = "") -> str | None:
+    """The first key in `values` that `schema` does not have. Hydra rejects a misspelt `key=value`
+    itself, but `+key=value` adds the key, and turning the config into the dataclasses drops it
+    without a word."""
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in names:
+            return f"{prefix}{key}"
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            if found := _key_outside(hints[key], value, f"{prefix}{key}."):
+                return found
+    return None
+
+
 _HYDRA_KEY = re.compile(r"Key '([^']+)' (?:is )?not in")
 
 
@@ -596,8 +614,11 @@ def _one_line(err: BaseException, overrides: list[str]) -> str:
     if bad_value and key:
         return f"config error: {key}: '{bad_value.group(1)}' is not a valid {bad_value.group(2)}"
     if "Could not find" in text or "Could not load" in text:
-        line = next(l for l in text.splitlines() if "Could not" in l)
-        return f"config error: {line.strip()} (presets live in {CONF_DIR})"
+        line = next(l for l in text.splitlines() if "Could not" in l).strip()
+        options = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", text)
+        presets = [o.strip() for o in options.group(1).splitlines() if not o.strip().endswith("_schema")] if options else []
+        choose = f"; choose one of {', '.join(presets)}" if presets else ""
+        return f"config error: {line}{choose} (presets live in {CONF_DIR})"
     first = next((l.strip() for l in text.splitlines() if l.strip()), type(err).__name__)
     where = f"{key}: " if key else ""
     return f"config error: {where}{first} (overrides: {' '.join(overrides)})"
@@ -618,11 +639,15 @@ def compose(overrides: list[str] | tuple[str, ...] = (), world_size: Optional[in
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=overrides)
         OmegaConf.resolve(raw)
+        added = _key_outside(Config, OmegaConf.to_container(raw))
         cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as err:  # user mistakes; anything else is a bug
         raise ConfigError(_one_line(err, overrides)) from err
     finally:
         GlobalHydra.instance().clear()
+    if added:
+        raise ConfigError(f"config error: unknown key '{added}'; check the spelling (`python -m launch --cfg job` "
+                          "prints every key)")
     cfg.run.dir = os.path.expanduser(cfg.run.dir)
     cfg.data.cache_dir = os.path.expanduser(cfg.data.cache_dir)
     validate(cfg, world_size)

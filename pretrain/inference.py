@@ -100,19 +100,20 @@ def load_model(source: str | Path, device: str = "auto", tokenizer: str | Path |
 
     path = Path(source)
     dev = pick_device(device)
+    given = load_tokenizer(tokenizer) if tokenizer else None  # a wrong path is an error, not "no tokenizer"
     if is_hf_dir(path):
         model_cfg, tensors = _hf_tensors(path)
-        manifest, tok_source = None, Path(tokenizer) if tokenizer else path
+        manifest, tok_source = None, path
     else:
         path = resolve(path)
         manifest = read_manifest(path)
         model_cfg = manifest["model"]
         tensors = dict(iter_tensors(path, manifest))
-        tok_source = Path(tokenizer) if tokenizer else checkpoint_tokenizer(path, manifest)
+        tok_source = checkpoint_tokenizer(path, manifest)
     init_distributed(1, dev.type)  # megatron-core's layers need their (trivial) process groups
     cfg = ModelConfig(**{k: v for k, v in model_cfg.items() if k in ModelConfig.__dataclass_fields__})
     model = GPT(cfg, attention="sdpa", on_cuda=dev.type == "cuda")
     load_full_tensors(model, tensors, path)
     model = model.to(dev).eval()
-    tok = load_tokenizer(tok_source) if tok_source is not None and Path(tok_source).exists() else None
+    tok = given or (load_tokenizer(tok_source) if tok_source is not None and Path(tok_source).exists() else None)
     return LoadedModel(model, tok, model_cfg, path, manifest, dev)

@@ -76,6 +76,10 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     loaded = [Run(label, read_metrics(path)) for label, path in zip(labels or run_labels(runs), runs)]
     panels = [(metric, metric, 1.0)] if metric else [
         p for p in PANELS if any(p[0] in r for run in loaded for r in run.records)]
+    if metric and not any(metric in r for run in loaded for r in run.records):
+        fields = sorted({k for run in loaded for r in run.records for k, v in r.items()
+                         if isinstance(v, (int, float)) and k != "step"})
+        raise MetricsError(f"--metric {metric}: no record has it; the runs log {', '.join(fields)}")
     if not panels:
         raise MetricsError(f"no plottable fields in {', '.join(map(str, runs))}")
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.2 * len(panels)), squeeze=False)

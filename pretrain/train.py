@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import pretrain.parallel  # noqa: F401  (first: sets DeepSpeed's accelerator, quiets megatron-core's import warnings)
 from megatron.core import parallel_state
-from pretrain import checkpoint
+from pretrain import checkpoint, fatal
 from pretrain.compiling import resolve_compile
 from pretrain.config import Config, ConfigError, compose, engine_zero_stage, grad_accum_steps, to_dict, to_yaml
 from pretrain.console import Progress, above_progress_bar, describe_run
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build(cfg)
         trainer.run()
     except (ConfigError, checkpoint.CheckpointError, DatasetError, StateError, DivergedError) as err:
-        print(f"{err}", file=sys.stderr, flush=True)
+        fatal.report(str(err))
         return 2
     finally:
         destroy()

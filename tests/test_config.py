@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("override, key", [
     ("train.foo=1", "train.foo"),
+    ("+train.max_stepz=10", "train.max_stepz"),  # `+` adds a key that the schema would drop silently
+    ("+bogus=1", "bogus"),
     ("parallel.zero_stage=5", "parallel.zero_stage"),
     ("train.seq_len=0", "train.seq_len"),
     ("train.seq_len=-3", "train.seq_len"),
@@ -34,9 +36,11 @@ def test_bad_value_names_the_key(override: str, key: str) -> None:
     assert key in message
 
 
-def test_unknown_preset_names_the_group() -> None:
-    with pytest.raises(ConfigError, match="model/huge"):
+def test_unknown_preset_names_the_group_and_its_presets() -> None:
+    with pytest.raises(ConfigError, match=r"model/huge'; choose one of 125m, 1b, .*tiny \(presets live in"):
         compose(["model=huge"])
+    with pytest.raises(ConfigError, match=r"experiment/gpt125m'; choose one of gpt125m_8gpu"):
+        compose(["experiment=gpt125m"])  # a misspelt experiment is not skipped as if none were given
 
 
 def test_world_size_must_be_a_multiple_of_tp() -> None:

@@ -148,6 +148,20 @@ def test_generate_greedy_matches_transformers_on_the_export(run, tmp_path) -> No
     assert len(ours) >= 1 and ours == theirs == from_export
 
 
+def test_a_wrong_tokenizer_path_or_metric_is_named_not_ignored(run, tmp_path) -> None:
+    run_dir, _ = run
+    for name, args, expected in [
+            ("generate.py", [run_dir, "--tokenizer", tmp_path / "nowhere", "--prompt", "x"],
+             f"{tmp_path / 'nowhere'}: tokenizer file not found"),
+            ("plot.py", [run_dir, "--metric", "nosuch", "--out", tmp_path / "p.png"],
+             "--metric nosuch: no record has it; the runs log "),
+    ]:
+        result = tool(name, *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(run) -> None:
     run_dir, _ = run
     args = [str(run_dir), "--prompt", "class", "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.9"]

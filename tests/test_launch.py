@@ -163,3 +163,41 @@ def test_a_world_of_one_needs_no_port():
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=HUNG)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["1 1 [1.0, 1.0]", "again 1"]
+
+
+def _launch_two_ranks(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *TINY, "launcher.nproc_per_node=2",
+                           f"run.dir={tmp_path / 'run'}", *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=HUNG)
+
+
+def test_bad_input_that_every_worker_meets_is_printed_once_without_torchruns_report(tmp_path):
+    """Both ranks stop on the missing dataset; the agent prints their line once and exits 2."""
+    out = _launch_two_ranks(tmp_path, "data=prepared", f"data.path={tmp_path / 'nowhere'}")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"{tmp_path / 'nowhere'}/manifest.json: manifest not found; is "
+                                       f"{tmp_path / 'nowhere'} a dataset directory? re-create the dataset with "
+                                       "tools/prepare_data.py (or delete the directory to rebuild the embedded "
+                                       "corpus)"], out.stderr[-3000:]
+
+
+def test_a_crashed_worker_is_named_in_one_line_after_the_tracebacks(tmp_path):
+    out = _launch_two_ranks(tmp_path, "train.max_steps=4", "faults.kill_step=2", "faults.rank=1")
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch: rank 1 (pid ") and "was killed by SIGKILL" in last, out.stderr[-3000:]
+    assert "ChildFailedError" not in out.stderr and "closing signal" not in out.stderr, out.stderr[-3000:]
+
+
+def test_each_distinct_worker_line_is_kept_once_lowest_rank_first(tmp_path, monkeypatch, capsys):
+    from pretrain import fatal
+
+    monkeypatch.setenv(fatal.ERRORS_DIR_ENV, str(tmp_path))
+    for rank, line in [(3, "shard 7 is missing"), (1, "bad value"), (0, "shard 7 is missing"), (12, "bad value")]:
+        monkeypatch.setenv("RANK", str(rank))
+        fatal.report(line)
+    assert fatal.collected(tmp_path) == ["shard 7 is missing", "bad value"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv(fatal.ERRORS_DIR_ENV)  # no agent: straight to stderr
+    fatal.report("bad value")
+    assert capsys.readouterr().err == "bad value\n"

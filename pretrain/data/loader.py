@@ -63,7 +63,7 @@ class TokenLoader:
         dp_rank: int,
         dp_size: int,
         seed: int,
-        verify_checksums: bool = False,
+        verify_checksums: bool = True,
         shuffle_shards: int = 8,
         read_options: ReadOptions = ReadOptions(),
         on_bad_shard: str = "error",

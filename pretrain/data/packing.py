@@ -51,7 +51,7 @@ class Source:
     in ``skipped``; ``"error"`` raises the DatasetError that names it.
     """
 
-    def __init__(self, dataset_dir: str | Path, split: str, verify_checksums: bool = False,
+    def __init__(self, dataset_dir: str | Path, split: str, verify_checksums: bool = True,
                  options: ReadOptions = ReadOptions(), on_bad_shard: str = "error"):
         if on_bad_shard not in ("error", "skip"):
             raise ValueError(f"on_bad_shard must be 'error' or 'skip', got {on_bad_shard!r}")
@@ -112,7 +112,7 @@ class Source:
     def _read(self, index: int) -> list[np.ndarray]:
         shard, url = self.shards[index], self.url(index)
         try:
-            if self.verify_checksums and index not in self._verified and not is_url(url):
+            if self.verify_checksums and shard.sha256 and index not in self._verified and not is_url(url):
                 verify_shard(Path(url), shard)
                 self._verified.add(index)
             return read_shard(url, shard, self.options)

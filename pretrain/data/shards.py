@@ -207,7 +207,7 @@ def _decode(url: str, name: str, data: bytes, opts: ReadOptions) -> np.ndarray:
                            f"{' or '.join(allowed)} token array; {_REBUILD}")
     if opts.vocab_size is not None and arr.size and int(arr.max()) >= opts.vocab_size:
         raise DatasetError(f"{url}: member {name} has token id {int(arr.max())} >= vocabulary size "
-                           f"{opts.vocab_size}; the shard was tokenized with another tokenizer: {_REBUILD}")
+                           f"{opts.vocab_size}: the shard is corrupt or was tokenized with another tokenizer; {_REBUILD}")
     return arr
 
 
