@@ -334,8 +334,10 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
                                       f"{expected_shape(name, model)}")
             yield name, value.float()
 
-    # The Hugging Face tokenizer is not copied: training reads its tokenizer from the dataset.
+    # Its tokenizer.json is copied for generate, evaluate and a later export; training still reads
+    # the tokenizer of its dataset (which must be this one for the weights to mean anything).
+    tokenizer = hf_dir / "tokenizer.json"
     meta = {"source": {"huggingface": str(hf_dir.resolve())},
             "layout": {"source": "huggingface", "tp": 1, "dp": 1, "zero_stage": None},
             "tokenizer": {"dataset_dir": None, "file": None}}
-    return write_weights_only(out, tensors(), model, meta)
+    return write_weights_only(out, tensors(), model, meta, tokenizer if tokenizer.is_file() else None)

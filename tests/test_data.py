@@ -414,6 +414,13 @@ def test_tools_run_as_scripts_and_build_a_loadable_dataset(tmp_path: Path):
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=REPO, env=env, capture_output=True, text=True)
     r = run("tools/train_tokenizer.py", "--input", str(docs), "--vocab-size", "400", "--out", str(tmp_path / "tok"))
     assert r.returncode == 0, r.stderr
+    r = run("tools/train_tokenizer.py", "--input", str(docs), "--vocab-size", "300", "--out", str(tmp_path / "small"))
+    assert r.stdout.strip() == f"wrote {tmp_path / 'small' / 'tokenizer.json'} (300 tokens)", r.stderr
+    r = run("tools/train_tokenizer.py", "--input", str(docs), "--vocab-size", "70000", "--out", str(tmp_path / "big"))
+    size = load_tokenizer(tmp_path / "big").get_vocab_size()
+    assert r.returncode == 0 and size < 70000, r.stderr  # a corpus this small runs out of pairs to merge
+    assert r.stdout.strip().endswith(f"({size} tokens, fewer than --vocab-size 70000: the corpus has no more "
+                                     "pairs to merge)"), r.stdout
     r = run("tools/prepare_data.py", "--input", str(docs), "--tokenizer", str(tmp_path / "tok"),
             "--out", str(tmp_path / "ds"), "--val-fraction", "0.2", "--tokens-per-shard", "200")
     assert r.returncode == 0, r.stderr

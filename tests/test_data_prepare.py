@@ -101,6 +101,20 @@ def test_val_split_is_never_empty_and_has_min_val_shards(tmp_path: Path, tokeniz
         write_dataset(docs[:3], tok, tmp_path / "tiny", 0.5, 300, min_val_shards=5)
 
 
+def test_a_run_that_fails_before_its_first_shard_leaves_nothing_behind(tmp_path: Path, tokenizer: Path):
+    from tokenizers import Tokenizer
+
+    def unreadable():
+        yield "d0", TEXTS[0]
+        raise DatasetError("notes/d1.bin: not UTF-8 text")
+
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        write_dataset(unreadable(), Tokenizer.from_file(str(tokenizer)), tmp_path / "out", 0.1, 10_000)
+    with pytest.raises(ValueError, match="no training documents"):
+        write_dataset(iter([]), Tokenizer.from_file(str(tokenizer)), tmp_path / "out", 0.0, 10_000)
+    assert list(tmp_path.iterdir()) == []  # no .out.partial: there was nothing to resume
+
+
 def test_megatron_indexed_dataset_is_imported_document_for_document(tmp_path: Path, tokenizer: Path):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

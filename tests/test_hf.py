@@ -160,6 +160,10 @@ def test_import_then_export_round_trips_weights(trained, tmp_path) -> None:
     back = dict(read_full_tensors(tmp_path / "back"))
     assert original.keys() == back.keys()
     assert all(torch.equal(original[k], back[k]) for k in original)
+    # the export's tokenizer comes back with the weights, checksummed, for generate and evaluate
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    verified = _convert("inspect", tmp_path / "back", "--verify")
+    assert verified.returncode == 0 and "checksums verified" in verified.stdout, verified.stderr
 
 
 @pytest.mark.parametrize("change,message", [

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer for raw text (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--tasks", metavar="NAMES", help="run lm-eval tasks instead (the rest of the command "
+                        "goes to tools/downstream_eval.py; see its --help)")
+    parser.add_argument("--limit", type=int, metavar="N", help="with --tasks: documents per task")
     args = parser.parse_args(argv)
 
     from pretrain.checkpoint import CheckpointError

@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pretrain, installed or not
 
+from tokenizers import Tokenizer
+
 from pretrain.data.manifest import DatasetError
 from pretrain.data.tokenizer import train_tokenizer_from_files
 
@@ -34,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path}")
+    size = Tokenizer.from_file(str(path)).get_vocab_size()
+    short = (f", fewer than --vocab-size {args.vocab_size}: the corpus has no more pairs to merge"
+             if size < args.vocab_size else "")
+    print(f"wrote {path} ({size} tokens{short})")
     return 0
 
 

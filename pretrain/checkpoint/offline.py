@@ -7,14 +7,16 @@ tensors are already full (TP=1) tensors, so nothing here needs to know any paral
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 
-from pretrain.checkpoint.format import (FORMAT_VERSION, MOMENTS, SHAPE_KEYS, read_manifest,
-                                        tokenizer_source, verify_files, write_json_atomic, write_tensors)
+from pretrain.checkpoint.format import (FORMAT_VERSION, MOMENTS, SHAPE_KEYS, TOKENIZER_FILE, file_record,
+                                        read_manifest, tokenizer_source, verify_files, write_json_atomic,
+                                        write_tensors)
 from pretrain.files import atomic_directory
 
 FILE_BYTES = 2 << 30  # split weights-only checkpoints into files of at most ~2 GiB
@@ -40,8 +42,9 @@ def iter_tensors(ckpt: Path, manifest: dict[str, Any] | None = None,
 
 
 def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], model_cfg: dict[str, Any],
-                       meta: dict[str, Any]) -> Path:
-    """Write a step-0 checkpoint with weights and no optimizer state into the new directory out.
+                       meta: dict[str, Any], tokenizer: Path | None = None) -> Path:
+    """Write a step-0 checkpoint with weights and no optimizer state into the new directory out,
+    with a copy of `tokenizer` (a tokenizer.json) if given, as a run's checkpoint carries its own.
 
     Such a checkpoint starts a run with `checkpoint.init_from=<out>`; resuming from it is refused
     (there are no Adam moments). Written into a temp directory and renamed, like every checkpoint.
@@ -64,6 +67,10 @@ def write_weights_only(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], m
             for name, value in group.items():
                 index[name] = {"file": fname, "shape": list(value.shape), "tp_partition_dim": None}
             group.clear()
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            files[TOKENIZER_FILE] = file_record(tmp / TOKENIZER_FILE)
+            meta = dict(meta, tokenizer=dict(meta.get("tokenizer") or {}, file=TOKENIZER_FILE))
         manifest = dict(meta, format_version=FORMAT_VERSION, step=0, optimizer_step=0, consumed_tokens=0,
                         model=model_cfg, config=meta.get("config", {"model": model_cfg}), data=None,
                         tensors=index, files=files, layout=meta.get("layout", {}))

@@ -9,6 +9,7 @@ directory is renamed to ``out`` only when complete; an existing dataset is never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from pretrain.data.manifest import DatasetError, Manifest, ShardInfo, TokenizerInfo, dtype_for_vocab, write_manifest
+from pretrain.data.manifest import (MANIFEST_NAME, DatasetError, Manifest, ShardInfo, TokenizerInfo, dtype_for_vocab,
+                                    write_manifest)
 from pretrain.data.shards import ShardWriter, read_shard
 from pretrain.data.text import input_bytes, is_validation, iter_documents
 from pretrain.data.tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer
@@ -136,85 +138,86 @@ def write_dataset(
                 "val_tokens_per_shard": val_tokens_per_shard, "batch_docs": batch_docs,
                 "min_val_shards": min_val_shards, "tokenizer": tokenizer.to_str(), **(metadata or {})}
     work = out.parent / f".{out.name}.partial"
-    done = _load_progress(work, settings)
-    sizes = {"train": tokens_per_shard, "val": val_tokens_per_shard or tokens_per_shard}
-    writers = {k: ShardWriter(work, k, sizes[k], dtype, first_shard=len(done[k]["shards"]),
-                              first_key=sum(s.documents for s in done[k]["shards"])) for k in sizes}
-    ends = {k: done[k]["end"] for k in sizes}  # input documents covered by each split's closed shards
-    val_docs = done["val"]["documents"]
-    holdback: deque[tuple[int, np.ndarray]] = deque()  # the last train documents, in case val needs them
-    keep = min_val_shards if val_fraction > 0 else 0
-    start = min(ends.values())
+    with _removed_if_nothing_written(work):
+        done = _load_progress(work, settings)
+        sizes = {"train": tokens_per_shard, "val": val_tokens_per_shard or tokens_per_shard}
+        writers = {k: ShardWriter(work, k, sizes[k], dtype, first_shard=len(done[k]["shards"]),
+                                  first_key=sum(s.documents for s in done[k]["shards"])) for k in sizes}
+        ends = {k: done[k]["end"] for k in sizes}  # input documents covered by each split's closed shards
+        val_docs = done["val"]["documents"]
+        holdback: deque[tuple[int, np.ndarray]] = deque()  # the last train documents, in case val needs them
+        keep = min_val_shards if val_fraction > 0 else 0
+        start = min(ends.values())
 
-    def add(split: str, index: int, arr: np.ndarray) -> None:
-        before = len(writers[split].shards)
-        writers[split].add(arr)
-        if len(writers[split].shards) > before:  # a shard was closed: record it
-            ends[split] = index + 1
-            _save_progress(work, settings, done, writers, ends)
+        def add(split: str, index: int, arr: np.ndarray) -> None:
+            before = len(writers[split].shards)
+            writers[split].add(arr)
+            if len(writers[split].shards) > before:  # a shard was closed: record it
+                ends[split] = index + 1
+                _save_progress(work, settings, done, writers, ends)
 
-    if workers == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
-    bar = _Progress(total_bytes, progress)
-    pool = (get_context("spawn").Pool(workers, _init_worker, (tokenizer.to_str(), eos, dtype.name))
-            if workers > 1 and not pretokenized else None)
-    try:
-        numbered = ((i, doc) for i, doc in enumerate(documents) if i >= start)
-        batches = _batched(numbered, batch_docs)
-        texts_of = (lambda b: [t for _, (_, t) in b])
-        if pool is not None:
-            pending: deque = deque()
-            def results() -> Iterator[tuple[list, list[np.ndarray]]]:
-                for batch in batches:
-                    pending.append((batch, pool.apply_async(_encode_in_worker, (texts_of(batch),))))
-                    if len(pending) > 2 * workers:
+        if workers == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
+        bar = _Progress(total_bytes, progress)
+        pool = (get_context("spawn").Pool(workers, _init_worker, (tokenizer.to_str(), eos, dtype.name))
+                if workers > 1 and not pretokenized else None)
+        try:
+            numbered = ((i, doc) for i, doc in enumerate(documents) if i >= start)
+            batches = _batched(numbered, batch_docs)
+            texts_of = (lambda b: [t for _, (_, t) in b])
+            if pool is not None:
+                pending: deque = deque()
+                def results() -> Iterator[tuple[list, list[np.ndarray]]]:
+                    for batch in batches:
+                        pending.append((batch, pool.apply_async(_encode_in_worker, (texts_of(batch),))))
+                        if len(pending) > 2 * workers:
+                            b, r = pending.popleft()
+                            yield b, r.get()
+                    while pending:
                         b, r = pending.popleft()
                         yield b, r.get()
-                while pending:
-                    b, r = pending.popleft()
-                    yield b, r.get()
-            encoded = results()
-        elif pretokenized:
-            encoded = ((b, [np.asarray(t, dtype=dtype) for t in texts_of(b)]) for b in batches)
-        else:
-            encoded = ((b, encode_documents(tokenizer, texts_of(b), eos, dtype)) for b in batches)
-        for batch, arrays in encoded:
-            bar.update(texts_of(batch), arrays)
-            for (index, (doc_id, _)), arr in zip(batch, arrays):
-                if is_validation(doc_id, val_fraction):
-                    if index >= ends["val"]:
-                        add("val", index, arr)
-                        val_docs += 1
-                elif index >= ends["train"]:
-                    holdback.append((index, arr))
-                    if len(holdback) > keep:
-                        add("train", *holdback.popleft())
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    if val_fraction > 0:
-        while val_docs < min_val_shards and holdback:
-            writers["val"].add(holdback.pop()[1])
-            val_docs += 1
-        if val_docs < min_val_shards:
-            raise DatasetError(f"only {val_docs} validation documents but --min-val-shards is {min_val_shards}; "
-                               "the corpus is too small: add documents or lower --min-val-shards")
-    for index, arr in holdback:
-        writers["train"].add(arr)
-    splits = {k: done[k]["shards"] + w.close() for k, w in writers.items()}
-    if not splits["train"]:
-        raise ValueError("no training documents: the inputs are empty or all went to validation")
-    if val_fraction > 0 and len(splits["val"]) < min_val_shards:
-        splits["val"] = _reshard(work, splits["val"], min_val_shards, dtype)
-    tokenizer.save(str(work / TOKENIZER_FILE))
-    write_manifest(work, Manifest(dtype=dtype.name, splits=splits, tokenizer=TokenizerInfo(TOKENIZER_FILE, vocab, eos),
-                                  metadata={"val_fraction": val_fraction, **(metadata or {})}))
-    (work / PROGRESS_FILE).unlink(missing_ok=True)
-    os.chmod(work, 0o755)
-    fsync_dir(work)
-    os.rename(work, out)
-    return out
+                encoded = results()
+            elif pretokenized:
+                encoded = ((b, [np.asarray(t, dtype=dtype) for t in texts_of(b)]) for b in batches)
+            else:
+                encoded = ((b, encode_documents(tokenizer, texts_of(b), eos, dtype)) for b in batches)
+            for batch, arrays in encoded:
+                bar.update(texts_of(batch), arrays)
+                for (index, (doc_id, _)), arr in zip(batch, arrays):
+                    if is_validation(doc_id, val_fraction):
+                        if index >= ends["val"]:
+                            add("val", index, arr)
+                            val_docs += 1
+                    elif index >= ends["train"]:
+                        holdback.append((index, arr))
+                        if len(holdback) > keep:
+                            add("train", *holdback.popleft())
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+        if val_fraction > 0:
+            while val_docs < min_val_shards and holdback:
+                writers["val"].add(holdback.pop()[1])
+                val_docs += 1
+            if val_docs < min_val_shards:
+                raise DatasetError(f"only {val_docs} validation documents but --min-val-shards is {min_val_shards}; "
+                                   "the corpus is too small: add documents or lower --min-val-shards")
+        for index, arr in holdback:
+            writers["train"].add(arr)
+        splits = {k: done[k]["shards"] + w.close() for k, w in writers.items()}
+        if not splits["train"]:
+            raise ValueError("no training documents: the inputs are empty or all went to validation")
+        if val_fraction > 0 and len(splits["val"]) < min_val_shards:
+            splits["val"] = _reshard(work, splits["val"], min_val_shards, dtype)
+        tokenizer.save(str(work / TOKENIZER_FILE))
+        write_manifest(work, Manifest(dtype=dtype.name, splits=splits, tokenizer=TokenizerInfo(TOKENIZER_FILE, vocab, eos),
+                                      metadata={"val_fraction": val_fraction, **(metadata or {})}))
+        (work / PROGRESS_FILE).unlink(missing_ok=True)
+        os.chmod(work, 0o755)
+        fsync_dir(work)
+        os.rename(work, out)
+        return out
 
 
 def _reshard(work: Path, shards: list[ShardInfo], min_shards: int, dtype: np.dtype) -> list[ShardInfo]:
@@ -227,6 +230,18 @@ def _reshard(work: Path, shards: list[ShardInfo], min_shards: int, dtype: np.dty
     for d in docs:
         writer.add(d)
     return writer.close()
+
+
+@contextlib.contextmanager
+def _removed_if_nothing_written(work: Path) -> Iterator[None]:
+    """A run that fails before it closes its first shard (empty or unreadable input, a wrong tokenizer)
+    leaves no work directory behind: there is nothing in it to resume."""
+    try:
+        yield
+    except BaseException:
+        if work.is_dir() and not (work / PROGRESS_FILE).exists() and not (work / MANIFEST_NAME).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _load_progress(work: Path, settings: dict) -> dict[str, dict]:
