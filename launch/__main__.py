@@ -1,7 +1,7 @@
 """`python -m launch [--dry-run] [--cfg] [hydra overrides...]`: compose, validate, plan, start workers.
 
-Configuration errors are reported in one line before any worker starts. Workers receive the same
-overrides and compose the same configuration.
+Configuration errors, and a local dataset that does not fit the run, are reported in one line
+before any worker starts. Workers receive the same overrides and compose the same configuration.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import sys
 
 import pretrain.parallel  # noqa: F401
 from launch.plan import make_plan
-from pretrain.config import ConfigError, compose, to_yaml
+from pretrain.config import Config, ConfigError, compose, to_yaml
+from pretrain.data.checks import check_run_data
+from pretrain.data.manifest import DatasetError, is_url
 
 USAGE = """usage: python -m launch [--dry-run] [--cfg] [key=value ...]
 
@@ -22,6 +24,18 @@ Trains a GPT with the configuration composed from conf/ and the Hydra overrides 
 --dry-run  print the plan and the exact commands, start nothing (same as launcher.dry_run=true)
 --cfg      print the composed configuration (every key, with its value) and exit
 """
+
+
+def check_local_data(cfg: Config, dp: int) -> None:
+    """The workers' dataset checks (pretrain.data.checks.check_run_data), here, where a wrong
+    data.path or model.vocab_size costs no worker start-up. Only for datasets on this machine's
+    disks: the embedded corpus is built by the workers, URLs and shard patterns are read by them."""
+    if cfg.data.name == "embedded" or cfg.data.train_shards:
+        return
+    paths = [cfg.data.path or cfg.data.sources[0].path, *(s.path for s in cfg.data.sources)]
+    if any(is_url(p) for p in paths):
+        return
+    check_run_data(paths[0], paths[1:], bool(cfg.train.eval_interval), dp, cfg.model.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 nnodes = slurm.allocation_nodes()
         plan = make_plan(cfg, nnodes)
         compose(overrides, world_size=plan.world_size)  # layout checks that need the world size
+        if cfg.launcher.kind == "local" or nnodes is not None:  # sbatch's host may not see the job's data
+            check_local_data(cfg, plan.dp)
         print(plan.describe(), flush=True)
         if cfg.launcher.kind == "slurm":
             command, env = slurm.slurm_command(cfg, plan, overrides), {}
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             command, env = torchrun_command(cfg, plan, overrides), worker_env(cfg, dict(os.environ))
         if cfg.launcher.threads_per_process:  # launch/agent.py keeps an OMP_NUM_THREADS it is given
             env["OMP_NUM_THREADS"] = str(cfg.launcher.threads_per_process)
-    except ConfigError as err:
+    except (ConfigError, DatasetError) as err:
         print(err, file=sys.stderr)
         return 2
     print("command: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "")

@@ -32,7 +32,7 @@ from pretrain.compiling import resolve_compile
 from pretrain.config import Config, ConfigError, compose, engine_zero_stage, grad_accum_steps, to_dict, to_yaml
 from pretrain.console import Progress, above_progress_bar, describe_run
 from pretrain.data import Batch, DatasetError, StateError, TokenLoader, load_tokenizer, prepare_embedded_corpus
-from pretrain.data.checks import check_dataset
+from pretrain.data.checks import check_run_data
 from pretrain.data.manifest import is_url
 from pretrain.data.shards import ReadOptions
 from pretrain.data.workers import make_loader
@@ -415,12 +415,8 @@ def build(cfg: Config, faults: FaultHook | None = None, batches: BatchSource | N
     precision = resolve_precision(cfg.train.precision, dims.device)
     configure_matmul_precision(precision, dims.device)
     data_dir = dataset_dir(cfg, dims)
-    vocab = check_dataset(data_dir, ["train", "val"] if cfg.train.eval_interval else ["train"], dims.dp)
-    for source in cfg.data.sources:
-        vocab = max(vocab, check_dataset(source.path, ["train"], dims.dp))
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"config error: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {vocab} tokens in {data_dir}; raise model.vocab_size")
+    check_run_data(data_dir, [s.path for s in cfg.data.sources], bool(cfg.train.eval_interval), dims.dp,
+                   cfg.model.vocab_size)
     backend = resolve_backend(cfg.model.attention, dims.device, precision)
     accum, dtype = grad_accum_steps(cfg, dims.dp), torch.bfloat16 if precision == "bf16" else torch.float32
     compile_blocks = resolve_compile(cfg.model.compile, dims.device, cfg.parallel.zero_stage)

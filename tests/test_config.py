@@ -62,10 +62,24 @@ def test_overrides_reach_the_config() -> None:
 
 
 @pytest.mark.parametrize("override, key", [("parallel.zero_stage=5", "parallel.zero_stage"),
-                                           ("train.bogus=1", "train.bogus")])
+                                           ("train.bogus=1", "train.bogus"),
+                                           ("data.path=DIR/nowhere", "nowhere/manifest.json: manifest not found"),
+                                           ("data.path=DIR/data model.vocab_size=260", "model.vocab_size: 260")])
 def test_launch_rejects_bad_config_before_starting_workers(tmp_path: Path, override: str, key: str) -> None:
+    """Values the launcher can check itself, local datasets included, stop it before any worker starts."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "launch", override, f"run.dir={run_dir}"], cwd=REPO,
+    if "data.path" in override:
+        from pretrain.data import prepare_dataset, train_tokenizer
+
+        text = tmp_path / "text"
+        text.mkdir()
+        texts = [f"document {i}: " + "lorem ipsum dolor sit amet " * 40 for i in range(8)]
+        for i, t in enumerate(texts):
+            (text / f"doc{i}.txt").write_text(t)
+        train_tokenizer(texts, 300).save(str(tmp_path / "tokenizer.json"))
+        prepare_dataset([text], tmp_path / "tokenizer.json", tmp_path / "data", val_fraction=0.3, tokens_per_shard=200)
+        override = "data=prepared " + override.replace("DIR", str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "launch", *override.split(), f"run.dir={run_dir}"], cwd=REPO,
                           capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -172,13 +172,11 @@ def _launch_two_ranks(tmp_path: Path, *overrides: str) -> subprocess.CompletedPr
 
 
 def test_bad_input_that_every_worker_meets_is_printed_once_without_torchruns_report(tmp_path):
-    """Both ranks stop on the missing dataset; the agent prints their line once and exits 2."""
-    out = _launch_two_ranks(tmp_path, "data=prepared", f"data.path={tmp_path / 'nowhere'}")
+    """Both ranks stop on the missing checkpoint; the agent prints their line once and exits 2."""
+    out = _launch_two_ranks(tmp_path, f"checkpoint.init_from={tmp_path / 'nowhere'}")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.splitlines() == [f"{tmp_path / 'nowhere'}/manifest.json: manifest not found; is "
-                                       f"{tmp_path / 'nowhere'} a dataset directory? re-create the dataset with "
-                                       "tools/prepare_data.py (or delete the directory to rebuild the embedded "
-                                       "corpus)"], out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"{tmp_path / 'nowhere'}: not a checkpoint (no manifest.json and no latest "
+                                       "pointer)"], out.stderr[-3000:]
 
 
 def test_a_crashed_worker_is_named_in_one_line_after_the_tracebacks(tmp_path):

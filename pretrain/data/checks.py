@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pretrain.config import ConfigError
 from pretrain.data.manifest import DatasetError, read_manifest
 from pretrain.data.tokenizer import eos_id, load_tokenizer
 
@@ -33,3 +34,17 @@ def check_dataset(location: str | Path, splits: list[str], dp_size: int) -> int:
                            f"{eos_id(tokenizer)}) but the manifest says {info.vocab_size} (eos {info.eos_id}); "
                            f"the shards were tokenized with another tokenizer: re-create the dataset")
     return tokenizer.get_vocab_size()
+
+
+def check_run_data(dataset: str | Path, sources: list[str | Path], with_val: bool, dp_size: int,
+                   model_vocab: int) -> int:
+    """check_dataset for the run's dataset (with its val split when the run evaluates) and every
+    mixture source, then that model.vocab_size holds the largest tokenizer; returns that size.
+    Run by every worker, and by the launcher before it starts any (launch/__main__.py)."""
+    vocab = check_dataset(dataset, ["train", "val"] if with_val else ["train"], dp_size)
+    for source in sources:
+        vocab = max(vocab, check_dataset(source, ["train"], dp_size))
+    if vocab > model_vocab:
+        raise ConfigError(f"config error: model.vocab_size: {model_vocab} is smaller than the tokenizer's {vocab} "
+                          f"tokens in {dataset}; raise model.vocab_size")
+    return vocab
