@@ -362,6 +362,15 @@ def test_truncated_shard_on_member_boundary_is_detected(dataset: Path):
         read_everything(TokenLoader(dataset, "train", 64, 2, 0, 1, seed=0, verify_checksums=False))
 
 
+def test_a_row_of_the_micro_batch_that_no_document_reaches_is_an_error_not_a_hang(dataset: Path):
+    """The val split holds 6 documents and the rows of a micro-batch take turns over them: rows 6 and 7
+    of 8 would read epoch after epoch without ever being dealt one."""
+    with pytest.raises(DatasetError, match=r"split 'val': row 6 of a micro-batch gets no document in epoch 0: "
+                                           r"the 8 rows .* hold at most 6; lower train.micro_batch_size"):
+        next(iter(TokenLoader(dataset, "val", 16, 8, 0, 1, seed=0, shuffle_shards=8)))
+    assert next(iter(TokenLoader(dataset, "val", 16, 6, 0, 1, seed=0, shuffle_shards=8))).input_ids.shape == (6, 16)
+
+
 def test_bad_checksum_is_detected_by_default(dataset: Path):
     shard = dataset / "train-00005.tar"
     data = bytearray(shard.read_bytes())

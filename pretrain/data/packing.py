@@ -168,16 +168,32 @@ def iter_pieces(
     while True:
         shards = rank_shards(len(source.shards), seed, epoch, dp_rank, dp_size)
         progress = skip.get(epoch, {})
+        dealt = 0  # documents this lane was dealt in the epoch, consumed ones included
         for g in range(0, len(shards), size):
             group = shards[g : g + size]
             docs = _group_documents(source, group, progress, (seed, epoch, *group), shuffle_shards > 0)
             for shard, d, doc in itertools.islice(docs, lane, None, lanes):
+                dealt += 1
                 seen = progress.get(shard)
                 if doc is None or (seen is not None and d in seen.done):
                     continue
                 lo = seen.partial.get(d, 0) if seen is not None else 0
                 yield Piece(epoch, shard, d, doc[lo:], lo)
+        if not dealt:  # it would read epoch after epoch for ever
+            raise _starved_lane(source, shards, size, epoch, dp_rank, lane, lanes)
         epoch += 1
+
+
+def _starved_lane(source: Source, shards: list[int], size: int, epoch: int, dp_rank: int, lane: int,
+                  lanes: int) -> DatasetError:
+    largest = max((sum(source.shards[i].documents for i in shards[g : g + size])
+                   for g in range(0, len(shards), size)), default=0)
+    skipped = f"; {len(source.skipped)} of its shards were skipped as unreadable" if source.skipped else ""
+    return DatasetError(
+        f"{source.location}: split {source.split!r}: row {lane} of a micro-batch gets no document in epoch {epoch}: "
+        f"the {lanes} rows take turns over the documents of each group of data.shuffle_shards={size} shards, and "
+        f"DP rank {dp_rank}'s groups hold at most {largest}{skipped}; lower train.micro_batch_size, raise "
+        "data.shuffle_shards, use fewer DP ranks, or use a split with more documents")
 
 
 class Packer:
