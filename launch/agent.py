@@ -1,4 +1,4 @@
-"""`python -m launch.agent <torchrun arguments>`: torch's elastic agent (torchrun), with three changes.
+"""`python -m launch.agent <torchrun arguments>`: torch's elastic agent (torchrun), with four changes.
 
 * SIGUSR1 (SLURM's warning before a time limit or a preemption) is passed on to the workers, which
   checkpoint and exit 0; the agent keeps running and then exits 0 as after any finished run.
@@ -7,6 +7,8 @@
   --shutdown_timeout seconds, then kills the workers.
 * A rendezvous that cannot form fails with one line naming its endpoint, instead of a bare
   RendezvousTimeoutError traceback.
+* The workers die with the agent (pretrain.lifetime): torchrun starts them in sessions of their
+  own, so a kill -9 of the agent would leave them training into the run directory.
 * Workers that stop on bad input (exit code 2) leave their one line with the agent
   (pretrain.fatal); it prints each distinct line once and exits 2, without torchrun's
   ChildFailedError report. A worker that crashes prints its own traceback; the agent adds one
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrain import fatal
+from pretrain import fatal, lifetime
 
 # What torchrun logs when a worker exits early: the closing signal sent to the others and the first
 # failure. The agent says it in one line of its own (main), after the workers' own messages.
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_worker_exits)
     errors_dir = tempfile.mkdtemp(prefix="pretrain-errors-")
     os.environ[fatal.ERRORS_DIR_ENV] = errors_dir
+    os.environ[lifetime.AGENT_PID_ENV] = str(os.getpid())  # the workers die with this process
     # By default the workers of every restart share the rendezvous's TCPStore, where the previous
     # group's keys remain: after an elastic restart gloo then connects to the dead workers'
     # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it.

@@ -110,15 +110,22 @@ def evaluate_batches(loss_of: LossFn, batches: Iterable[tuple[torch.Tensor, torc
     return sums
 
 
+EVAL_READING = {"shuffle_shards": 0}
+"""How evaluation reads a split (TokenLoader options over the run's own): each rank's shards in file
+order, as one stream cut into rows. It needs no mixing, and every row gets documents however few a
+shard holds, where rows that take turns over the documents of a shard group can be dealt none."""
+
+
 def dataset_batches(data_dir, split: str, seq_len: int, micro_batch_size: int, dp: int, batches: int, seed: int,
                     **loader_options: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The batches a run with `dp` data-parallel ranks evaluates: each rank's first `batches`
     micro-batches of the split, rank after rank, so one process sees what the whole job saw.
-    loader_options: the run's TokenLoader options (document shuffling), which decide the order."""
+    loader_options: further TokenLoader options (EVAL_READING's take precedence)."""
     from pretrain.data import TokenLoader
 
+    options = {**loader_options, **EVAL_READING}
     for rank in range(dp):
-        loader = iter(TokenLoader(data_dir, split, seq_len, micro_batch_size, rank, dp, seed=seed, **loader_options))
+        loader = iter(TokenLoader(data_dir, split, seq_len, micro_batch_size, rank, dp, seed=seed, **options))
         for _ in range(batches):
             batch = next(loader)
             yield batch.input_ids, batch.labels, batch.position_ids

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import pretrain.parallel  # noqa: F401  (first: sets DeepSpeed's accelerator, quiets megatron-core's import warnings)
 from megatron.core import parallel_state
-from pretrain import checkpoint, fatal
+from pretrain import checkpoint, fatal, lifetime
 from pretrain.compiling import resolve_compile
 from pretrain.config import Config, ConfigError, compose, engine_zero_stage, grad_accum_steps, to_dict, to_yaml
 from pretrain.console import Progress, above_progress_bar, describe_run
@@ -39,7 +39,7 @@ from pretrain.data.workers import make_loader
 from pretrain.faults import FaultHook, NoFaults
 from pretrain.faults import from_config as faults_from_config
 from pretrain.guard import DivergedError, StepGuard
-from pretrain.evaluation import EvalResult, EvalSums, token_byte_lengths
+from pretrain.evaluation import EVAL_READING, EvalResult, EvalSums, token_byte_lengths
 from pretrain.generate import generate, parallel_logits
 from pretrain.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, eval_line, flops_per_token, peak_flops
 from pretrain.model import GPT, count_parameters, init_weights
@@ -148,7 +148,7 @@ def mean_over_dp(value: torch.Tensor) -> float:
 def evaluate(engine, data_dir: Path, cfg: Config, dims: ParallelDims, byte_lengths: torch.Tensor) -> EvalResult:
     """Loss (nats/token) and bits per byte on the first eval_batches batches of every DP rank's val shards."""
     loader = TokenLoader(data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch_size, dims.dp_rank, dims.dp,
-                         seed=cfg.train.seed, **data_options(cfg))
+                         seed=cfg.train.seed, **{**data_options(cfg), **EVAL_READING})
     engine.eval()
     sums = EvalSums(byte_lengths, dims.device)
     batches = iter(loader)
@@ -485,6 +485,8 @@ def resume(trainer: Trainer) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (agent := lifetime.agent_pid()) is not None:  # never train on, unsupervised, after the agent is gone
+        lifetime.die_with_parent(agent)
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))

@@ -199,3 +199,50 @@ def test_each_distinct_worker_line_is_kept_once_lowest_rank_first(tmp_path, monk
     monkeypatch.delenv(fatal.ERRORS_DIR_ENV)  # no agent: straight to stderr
     fatal.report("bad value")
     assert capsys.readouterr().err == "bad value\n"
+
+
+def test_workers_die_with_a_killed_agent(tmp_path):
+    """A kill -9 of the agent (the OOM killer, or of the launcher's process group: the workers sit in
+    sessions of their own) must not leave workers training into the run directory, nor their data
+    loader processes behind."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "launch", *TINY, f"train.max_steps={10**6}",
+                                  "launcher.nproc_per_node=2", "data.num_workers=1", f"run.dir={run_dir}"],
+                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 900  # an upper bound for a loaded machine; ~15 s idle
+        while not (run_dir / "metrics.jsonl").exists():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        workers = _workers(agent.pid)
+        loaders = [child for w in workers for child in _children(w)]
+        assert len(workers) == 2 and len(loaders) >= 2, (workers, loaders)
+    finally:
+        agent.kill()
+        agent.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in workers + loaders) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {pid: Path(f"/proc/{pid}/stat").read_text()[:120] for pid in workers + loaders if _alive(pid)}
+    assert not left, (left, log.read_text()[-3000:])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (re)parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             dp = args.dp or (loaded.manifest or {}).get("layout", {}).get("dp") or 1
             batches = args.batches or train.get("eval_batches") or 4
             micro = args.micro_batch_size or train.get("micro_batch_size") or 8
-            options = {k: v for k, v in run.get("data", {}).items() if k == "shuffle_shards"}
-            windows = dataset_batches(data[0], args.split, seq_len, micro, dp, batches, train.get("seed", 1234),
-                                      **options)
+            windows = dataset_batches(data[0], args.split, seq_len, micro, dp, batches, train.get("seed", 1234))
             what = {"data": str(data[0]), "split": args.split, "dp": dp, "batches": batches, "micro_batch_size": micro}
         else:
             tokenizer = loaded.tokenizer

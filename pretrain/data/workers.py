@@ -10,6 +10,7 @@ same arguments), so ``num_workers`` never changes a loss curve.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import torch
 from pretrain.data.loader import Batch, TokenLoader
 from pretrain.data.manifest import DatasetError
 from pretrain.data.state import StateError
+from pretrain.lifetime import die_with_parent
 
 
 class BatchSource(Protocol):
@@ -32,8 +34,10 @@ class BatchSource(Protocol):
     def skipped_shards(self) -> int: ...
 
 
-def _produce(kwargs: dict[str, Any], state: dict[str, Any] | None, read_threads: int, out: Any, stop: Any) -> None:
+def _produce(kwargs: dict[str, Any], state: dict[str, Any] | None, read_threads: int, out: Any, stop: Any,
+             parent: int) -> None:
     """Worker process body: batches with the loader state after each, until told to stop."""
+    die_with_parent(parent)  # a killed training process takes its loader with it
     torch.set_num_threads(1)
     try:
         loader = TokenLoader(**kwargs)
@@ -97,7 +101,8 @@ class BackgroundLoader:
         ctx = mp.get_context("spawn")  # never fork a process that holds threads and process groups
         out, self._stop = ctx.Queue(maxsize=self._prefetch), ctx.Event()
         start = self._state if self._state is not None else None
-        self._worker = ctx.Process(target=_produce, args=(self._kwargs, start, self._read_threads, out, self._stop),
+        self._worker = ctx.Process(target=_produce,
+                                   args=(self._kwargs, start, self._read_threads, out, self._stop, os.getpid()),
                                    daemon=True)
         self._worker.start()
         worker = self._worker
