@@ -100,8 +100,11 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
     m, t = cfg.model, cfg.train
     embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
     ckpt = cfg.checkpoint
-    every = f"every {ckpt.interval} steps and at the end" if ckpt.interval else "at the end"
+    end = " and at the end" if ckpt.save_final else ""
+    every = f"every {ckpt.interval} steps{end}" if ckpt.interval else "at the end"
     keep = f"keep last {ckpt.keep_last}" if ckpt.keep_last else "keep all"
+    saved = (f"checkpoints/ ({every}, {keep})" if ckpt.interval or ckpt.save_final
+             else "no checkpoints (checkpoint.interval=0, checkpoint.save_final=false)")
     wandb = "" if cfg.logging.wandb == "disabled" else f", wandb/ ({cfg.logging.wandb})"
     return StartupInfo(
         run_dir=cfg.run.dir,
@@ -119,7 +122,7 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
                          f"{t.max_steps * tokens_per_step:,} tokens"),
         data=data_lines(cfg, data_dir), precision=precision, attention=attention, compiled=compiled,
         resume=start,
-        outputs=f"metrics.jsonl, config.yaml, checkpoints/ ({every}, {keep}){wandb}")
+        outputs=f"metrics.jsonl, config.yaml, {saved}{wandb}")
 
 
 class Progress:

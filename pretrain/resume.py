@@ -56,3 +56,39 @@ def trim_metrics(run_dir: str | os.PathLike, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+_NOT_THE_RUN = {"checkpoint.resume"}
+"""Keys that say how a run is started, not which run it is (with launcher.*)."""
+
+
+def another_runs_history(run_dir: str | os.PathLike, config: dict[str, Any]) -> str | None:
+    """Why starting afresh in run_dir would erase another run's history, or None.
+
+    A fresh start drops metrics.jsonl's records (they belong to steps about to be redone), which is
+    right when the same run restarts before its first checkpoint and wrong when run.dir holds a
+    different run: its config.yaml, written at its start, tells the two apart."""
+    import yaml
+
+    metrics, saved = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "config.yaml"
+    if not metrics.is_file() or not saved.is_file() or not metrics.read_text(errors="replace").strip():
+        return None
+    try:
+        before = _flat(yaml.safe_load(saved.read_text()))
+    except yaml.YAMLError:
+        return None
+    now = _flat(config)
+    changed = sorted(k for k in (before.keys() | now.keys()) - _NOT_THE_RUN
+                     if before.get(k) != now.get(k) and not k.startswith("launcher."))
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}={before.get(k)} (now {now.get(k)})" for k in changed[:3])
+    return (f"config error: run.dir {run_dir} holds the metrics of another run with no checkpoint to resume "
+            f"({shown}{', ...' if len(changed) > 3 else ''}); starting over would erase them: use another "
+            f"run.dir, or checkpoint.resume=false to start over there")

@@ -50,7 +50,7 @@ from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, 
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.profiling import StepProfiler
 from pretrain.evals.downstream import DownstreamEval
-from pretrain.resume import agree_on_checkpoint, trim_metrics
+from pretrain.resume import agree_on_checkpoint, another_runs_history, trim_metrics
 from pretrain.precision import autocast_dtype, configure_matmul_precision, describe_precision, resolve_precision
 from pretrain.schedule import learning_rate
 from pretrain.step_metrics import StepMetrics
@@ -211,11 +211,24 @@ class Trainer:
     faults: FaultHook = field(default_factory=NoFaults)
     step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+    resumed_at: tuple[int, int] = (0, 0)
+    """(step, consumed tokens) of the checkpoint this run continues: the tokens per step may differ
+    from this run's (another DP size or batch), so tokens are counted on from there."""
 
     @property
     def tokens_per_step(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.seq_len * self.engine.gradient_accumulation_steps() * self.dims.dp
+
+    @property
+    def consumed_tokens(self) -> int:
+        step, tokens = self.resumed_at
+        return tokens + (self.step - step) * self.tokens_per_step
+
+    def continue_from(self, manifest: dict[str, Any]) -> None:
+        """Take the step count (and so the lr schedule) and consumed tokens of a checkpoint's manifest."""
+        self.step = manifest["step"]
+        self.resumed_at = (self.step, manifest.get("consumed_tokens", self.step * self.tokens_per_step))
 
     def save(self) -> Path:
         states: list[Any] = [None] * self.dims.world_size
@@ -224,7 +237,7 @@ class Trainer:
                      if r % self.dims.tp == 0]  # TP ranks of one DP rank read the same data
         meta = {
             "optimizer_step": checkpoint.optimizer_step(self.engine), "guard": self.guard.state_dict(),
-            "consumed_tokens": self.step * self.tokens_per_step,
+            "consumed_tokens": self.consumed_tokens,
             "model": to_dict(self.cfg)["model"], "config": to_dict(self.cfg),
             "data": self.loader.merge_states(dp_states), "tokenizer": {"dataset_dir": str(self.data_dir)},
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "zero_stage": self.engine.zero_optimization_stage(),
@@ -299,7 +312,7 @@ class Trainer:
             verdict, norm, lr = self.train_step(batches)
             profiler.after_step(self.step)
             watchdog.beat(f"step {self.step}")
-            metrics.add(self.step, verdict, norm, lr, self.step * self.tokens_per_step)
+            metrics.add(self.step, verdict, norm, lr, self.consumed_tokens)
             sinks.progress.update(self.step, None)
             last = self.step == cfg.train.max_steps
             stopping = stop.agreed()
@@ -394,7 +407,7 @@ class Trainer:
                                 "checkpoint to roll back to; lower optim.lr or save earlier (checkpoint.interval)")
         manifest = checkpoint.load(self.engine, ckpt, to_dict(self.cfg)["model"], verified=True)
         self.guard.rolled_back(bad_step)
-        self.step = manifest["step"]
+        self.continue_from(manifest)
         self.records = [r for r in self.records if r["step"] <= self.step]
         if self.dims.is_main:
             trim_metrics(self.cfg.run.dir, self.step)
@@ -458,18 +471,22 @@ def resume(trainer: Trainer) -> str:
     start = time.perf_counter()
     if latest is not None:
         manifest = checkpoint.load(trainer.engine, latest, model_cfg, verified=True)
-        trainer.step = manifest["step"]
+        trainer.continue_from(manifest)
         trainer.loader.load_state_dict(manifest["data"])
         trainer.guard.load_state_dict(manifest.get("guard"))
         saved = manifest["layout"]
         started = (f"resuming from {latest} at step {trainer.step} (saved with tp {saved.get('tp')} x "
                    f"dp {saved.get('dp')}, ZeRO-{saved.get('zero_stage')}; loaded in {time.perf_counter() - start:.1f}s)")
+        before = manifest.get("consumed_tokens", 0) // max(1, trainer.step)
+        if trainer.step and before != trainer.tokens_per_step:
+            log(dims, f"note: a step now takes {trainer.tokens_per_step:,} tokens, {before:,} before this resume "
+                      "(another DP size or batch); train.global_batch_tokens keeps the global batch fixed")
     elif cfg.checkpoint.init_from:
         source = checkpoint.resolve(cfg.checkpoint.init_from)
         fork = cfg.checkpoint.init_optimizer
         manifest = checkpoint.load(trainer.engine, source, model_cfg, weights_only=not fork)
         if fork:  # continue that run's step count (and so its lr schedule) and, on the same data, its position
-            trainer.step = manifest["step"]
+            trainer.continue_from(manifest)
             trainer.guard.load_state_dict(manifest.get("guard"))
             try:
                 trainer.loader.load_state_dict(manifest["data"])
@@ -479,6 +496,9 @@ def resume(trainer: Trainer) -> str:
                    f"from {source}")
     else:
         started = f"step 0, fresh weights (seed {cfg.train.seed})"
+    # Unless told to start over (checkpoint.resume=false), a fresh start keeps off another run's history.
+    if trainer.step == 0 and cfg.checkpoint.resume and (clash := another_runs_history(cfg.run.dir, to_dict(cfg))):
+        raise ConfigError(clash)
     if dims.is_main:  # steps after the resumed one (all of them when starting over) are redone
         trim_metrics(cfg.run.dir, trainer.step)
     return started

@@ -34,6 +34,25 @@ def run(tmp_path_factory) -> Path:
     return run_dir
 
 
+def _tokens_by_step(overrides: list[str], run_dir: str) -> dict[int, int]:
+    records, _ = train(overrides, run_dir)
+    return {r["step"]: r["consumed_tokens"] for r in records if "consumed_tokens" in r}
+
+
+def test_consumed_tokens_count_on_from_the_checkpoint_in_another_layout(run: Path, tmp_path: Path) -> None:
+    """Resumed on 2 DP ranks, a step takes twice the tokens of the saving run's: the count goes on from
+    the checkpoint's 4 x 64 tokens, not from (step x this run's tokens per step)."""
+    import shutil
+
+    from pretrain.checkpoint import read_manifest, resolve
+
+    shutil.copytree(run, tmp_path / "run")
+    tokens = run_distributed(_tokens_by_step, 2, TINY + ["train.max_steps=6", "checkpoint.interval=6",
+                                                        "parallel.zero_stage=0"], str(tmp_path / "run"))[0]
+    assert tokens == {5: 4 * 64 + 128, 6: 4 * 64 + 2 * 128}
+    assert read_manifest(resolve(tmp_path / "run"))["consumed_tokens"] == 4 * 64 + 2 * 128
+
+
 def test_keep_last_prunes_old_checkpoints(run: Path) -> None:
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000003", "step_00000004"]

@@ -43,3 +43,30 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+def _fresh_start(overrides: list[str], run_dir: str) -> str:
+    """'ok' after training, or the one-line error that stopped it."""
+    from pretrain.config import ConfigError
+
+    try:
+        train(overrides, run_dir)
+    except ConfigError as err:
+        return str(err)
+    return "ok"
+
+
+def test_a_fresh_start_keeps_off_another_runs_history(tmp_path: Path) -> None:
+    """No checkpoint to resume: the same run restarting starts over (its metrics are redone), but a
+    different run pointed at the directory is refused before it erases the first one's metrics."""
+    first = TINY + ["train.max_steps=3", "train.log_interval=1", "checkpoint.save_final=false"]
+    run_dir = str(tmp_path / "run")
+    assert run_distributed(_fresh_start, 1, first, run_dir)[0] == "ok"
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    other = run_distributed(_fresh_start, 1, first + ["model.hidden_size=128"], run_dir)[0]
+    assert other.startswith(f"config error: run.dir {run_dir} holds the metrics of another run with no checkpoint "
+                            "to resume (model.hidden_size=64 (now 128))"), other
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert run_distributed(_fresh_start, 1, first + ["model.hidden_size=128", "checkpoint.resume=false"],
+                           run_dir)[0] == "ok"  # told to start over
+    assert run_distributed(_fresh_start, 1, first + ["model.hidden_size=128"], run_dir)[0] == "ok"  # its restart
