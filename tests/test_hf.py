@@ -151,7 +151,7 @@ def test_import_matches_transformers_llama(tmp_path) -> None:
 
 
 def test_import_then_export_round_trips_weights(trained, tmp_path) -> None:
-    from pretrain.checkpoint import read_full_tensors, resolve
+    from pretrain.checkpoint import CheckpointError, read_full_tensors, resolve
 
     run_dir, _ = trained
     assert _convert("to-hf", run_dir, tmp_path / "hf").returncode == 0
@@ -164,6 +164,9 @@ def test_import_then_export_round_trips_weights(trained, tmp_path) -> None:
     assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
     verified = _convert("inspect", tmp_path / "back", "--verify")
     assert verified.returncode == 0 and "checksums verified" in verified.stdout, verified.stderr
+    with pytest.raises(CheckpointError, match="a Hugging Face model directory, not a checkpoint; import it first "
+                                              "with python tools/convert_checkpoint.py from-hf"):
+        resolve(tmp_path / "hf")  # as checkpoint.init_from=<the export> would
 
 
 @pytest.mark.parametrize("change,message", [

@@ -175,8 +175,8 @@ def test_bad_input_that_every_worker_meets_is_printed_once_without_torchruns_rep
     """Both ranks stop on the missing checkpoint; the agent prints their line once and exits 2."""
     out = _launch_two_ranks(tmp_path, f"checkpoint.init_from={tmp_path / 'nowhere'}")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.splitlines() == [f"{tmp_path / 'nowhere'}: not a checkpoint (no manifest.json and no latest "
-                                       "pointer)"], out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"{tmp_path / 'nowhere'}: no such file or directory; give a step directory, "
+                                       "a run's checkpoints/ or a run directory"], out.stderr[-3000:]
 
 
 def test_a_crashed_worker_is_named_in_one_line_after_the_tracebacks(tmp_path):

@@ -112,6 +112,12 @@ def resolve(path: str | os.PathLike) -> Path:
             if found is not None:
                 return found
     if not (path / "manifest.json").exists():
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory; give a step directory, a run's checkpoints/ "
+                                  "or a run directory")
+        if (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: a Hugging Face model directory, not a checkpoint; import it first with "
+                                  f"python tools/convert_checkpoint.py from-hf {path} OUT_DIR")
         raise CheckpointError(f"{path}: not a checkpoint (no manifest.json and no latest pointer)")
     return path
 
@@ -237,7 +243,8 @@ def check_model_shape(manifest: dict[str, Any], model_cfg: dict[str, Any], where
     diffs = [f"model.{k}={saved[k]} (this run: {run[k]})" for k in SHAPE_KEYS if saved[k] != run[k]]
     if diffs:
         raise CheckpointError(f"{where / 'manifest.json'}: checkpoint is for a different model: {', '.join(diffs)}; "
-                              "use the matching model config or another run.dir")
+                              "use the model config it was saved with (tools/convert_checkpoint.py inspect prints "
+                              "it), or another checkpoint (run.dir, checkpoint.init_from)")
 
 
 def tokenizer_source(dataset_dir: str | Path) -> Path | None:
