@@ -467,7 +467,13 @@ def resume(trainer: Trainer) -> str:
     """Load the run's latest checkpoint (or checkpoint.init_from's weights); say where training starts."""
     cfg, dims = trainer.cfg, trainer.dims
     model_cfg = to_dict(cfg)["model"]
-    latest = agree_on_checkpoint(Path(cfg.run.dir) / "checkpoints") if cfg.checkpoint.resume else None
+    root = Path(cfg.run.dir) / "checkpoints"
+    saved = sorted(p.name for p in root.glob("step_*") if (p / "manifest.json").exists())
+    if saved and not cfg.checkpoint.resume:  # a run starting over would replace same-step ones, prune the rest
+        raise ConfigError(f"config error: checkpoint.resume=false but {root} holds checkpoints "
+                          f"({', '.join(saved[-2:])}); starting over would overwrite them: use another run.dir, "
+                          "or delete them first")
+    latest = agree_on_checkpoint(root) if cfg.checkpoint.resume else None
     start = time.perf_counter()
     if latest is not None:
         manifest = checkpoint.load(trainer.engine, latest, model_cfg, verified=True)

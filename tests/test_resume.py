@@ -70,3 +70,14 @@ def test_a_fresh_start_keeps_off_another_runs_history(tmp_path: Path) -> None:
     assert run_distributed(_fresh_start, 1, first + ["model.hidden_size=128", "checkpoint.resume=false"],
                            run_dir)[0] == "ok"  # told to start over
     assert run_distributed(_fresh_start, 1, first + ["model.hidden_size=128"], run_dir)[0] == "ok"  # its restart
+
+
+def test_starting_over_never_overwrites_checkpoints(tmp_path: Path) -> None:
+    run = TINY + ["train.max_steps=2"]
+    run_dir = str(tmp_path / "run")
+    assert run_distributed(_fresh_start, 1, run, run_dir)[0] == "ok"  # saves step 2 at its end
+    saved = (tmp_path / "run" / "checkpoints" / "step_00000002" / "manifest.json").read_bytes()
+    refused = run_distributed(_fresh_start, 1, run + ["checkpoint.resume=false"], run_dir)[0]
+    assert refused == (f"config error: checkpoint.resume=false but {run_dir}/checkpoints holds checkpoints "
+                       "(step_00000002); starting over would overwrite them: use another run.dir, or delete them first")
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "manifest.json").read_bytes() == saved
