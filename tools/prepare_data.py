@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokenizer processes (default: all cores); the output is the same for any N")
     parser.add_argument("--text-field", default="text", metavar="NAME",
                         help="JSONL field / parquet or datasets column holding the text (default: text)")
-    parser.add_argument("--min-val-shards", type=int, default=1, metavar="N",
-                        help="the val split gets at least N shards (give one per DP rank; default: 1)")
+    parser.add_argument("--min-val-shards", type=int, default=8, metavar="N",
+                        help="the val split gets at least N shards, one per DP rank that evaluates "
+                             "(default: 8, a node's worth)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--val-tokens-per-shard", type=int, default=None, metavar="N",
                         help="shard size of the val split (default: --tokens-per-shard)")
