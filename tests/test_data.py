@@ -235,7 +235,7 @@ def test_documents_are_shuffled_across_the_shards_of_a_group(dataset: Path):
 def test_state_from_before_document_shuffling_is_refused_with_the_fix(dataset: Path):
     loader = TokenLoader(dataset, "train", 32, 2, 0, 1, seed=1)
     state = {**TokenLoader.merge_states([loader.state_dict()]), "version": 1}
-    with pytest.raises(ValueError, match="checkpoint.resume=false"):
+    with pytest.raises(ValueError, match="start over in another run.dir, keeping its weights with checkpoint.init_from"):
         loader.load_state_dict(state)
 
 

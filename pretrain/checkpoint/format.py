@@ -207,8 +207,8 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
             warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint{more}: {bad}")
         return ckpt, warnings
     if bad:
-        raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over with checkpoint.resume=false "
-                              "or another run.dir (nothing was deleted)")
+        raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over in another run.dir, or "
+                              "move the damaged checkpoints out of it (nothing was deleted)")
     return None, warnings
 
 

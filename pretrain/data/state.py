@@ -121,8 +121,8 @@ def localize_state(
         state = merge_rank_states([state])  # only valid when it was a single-rank run
     if state.get("version") == 1:
         raise StateError("the checkpoint's data position was saved before documents were shuffled (loader state "
-                         "version 1) and cannot be continued; start over with checkpoint.resume=false, or "
-                         "keep its weights with checkpoint.init_from=<that checkpoint>")
+                         "version 1) and cannot be continued; start over in another run.dir, keeping its weights "
+                         "with checkpoint.init_from=<that checkpoint>")
     if state.get("version") != STATE_VERSION or state.get("kind") != "global":
         raise StateError(f"unknown loader state (version {state.get('version')!r}); pass TokenLoader.merge_states(...) output")
     if state["seed"] != seed:
