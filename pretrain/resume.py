@@ -39,6 +39,15 @@ def agree_on_checkpoint(root: Path) -> Path | None:
     return Path(answer[0]["ckpt"]) if answer[0]["ckpt"] else None
 
 
+def agree_on_saved_checkpoints(root: Path) -> list[str]:
+    """The complete checkpoints under root as rank 0 sees them, on every rank. Collective."""
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        answer[0] = sorted(p.name for p in root.glob("step_*") if (p / "manifest.json").exists())
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
 def trim_metrics(run_dir: str | os.PathLike, step: int) -> None:
     """Drop metrics.jsonl records after `step` (and a line cut off by a crash), so that after a
     restart or a rollback each step appears once, as the run that went on saw it. Rank 0 only."""

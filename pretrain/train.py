@@ -50,7 +50,7 @@ from pretrain.parallel.engine import (base_optimizer, build_engine, clip_grads, 
 from pretrain.parallel.groups import ParallelDims, destroy, init_distributed, resolve_device
 from pretrain.profiling import StepProfiler
 from pretrain.evals.downstream import DownstreamEval
-from pretrain.resume import agree_on_checkpoint, another_runs_history, trim_metrics
+from pretrain.resume import agree_on_checkpoint, agree_on_saved_checkpoints, another_runs_history, trim_metrics
 from pretrain.precision import autocast_dtype, configure_matmul_precision, describe_precision, resolve_precision
 from pretrain.schedule import learning_rate
 from pretrain.step_metrics import StepMetrics
@@ -468,8 +468,8 @@ def resume(trainer: Trainer) -> str:
     cfg, dims = trainer.cfg, trainer.dims
     model_cfg = to_dict(cfg)["model"]
     root = Path(cfg.run.dir) / "checkpoints"
-    saved = sorted(p.name for p in root.glob("step_*") if (p / "manifest.json").exists())
-    if saved and not cfg.checkpoint.resume:  # a run starting over would replace same-step ones, prune the rest
+    if not cfg.checkpoint.resume and (saved := agree_on_saved_checkpoints(root)):
+        # A run starting over there would replace same-step ones and prune the rest.
         raise ConfigError(f"config error: checkpoint.resume=false but {root} holds checkpoints "
                           f"({', '.join(saved[-2:])}); starting over would overwrite them: use another run.dir, "
                           "or delete them first")

@@ -50,7 +50,9 @@ def test_default_launch_trains_logs_and_checkpoints(default_job) -> None:
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= r.keys()
-        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 and math.isfinite(r["grad_norm"])
+        # No upper bound on MFU here: on a CPU it is against the matmul rate measured at start, which
+        # reads low when the machine is busy then (CI measured 1.07 once, beside another run).
+        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] and math.isfinite(r["mfu"]) and math.isfinite(r["grad_norm"])
     assert [r["step"] for r in evals] == [100, 200, 300]
     # Starts near ln(vocab) = ln(8192) ~ 9.0 and clearly falls.
     assert abs(steps[0]["loss"] - math.log(8192)) < 0.5
