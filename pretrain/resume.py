@@ -19,24 +19,25 @@ import torch.distributed as dist
 from pretrain.checkpoint.format import CheckpointError, newest_verified
 
 
-def agree_on_checkpoint(root: Path) -> Path | None:
-    """The checkpoint under root all ranks resume from (None: start fresh). Collective.
+def agree_on_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint under root all ranks resume from (None: start fresh), and the names of the newer
+    ones passed over because they do not verify (save keeps them out of keep_last's count). Collective.
 
     Raises the same CheckpointError on every rank when rank 0 finds checkpoints but none usable.
     """
     answer: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            ckpt, warnings = newest_verified(root)
-            answer[0] = {"ckpt": str(ckpt) if ckpt else None, "warnings": warnings, "error": None}
+            ckpt, warnings, damaged = newest_verified(root)
+            answer[0] = {"ckpt": str(ckpt) if ckpt else None, "warnings": warnings, "damaged": damaged, "error": None}
         except CheckpointError as err:
-            answer[0] = {"ckpt": None, "warnings": [], "error": str(err)}
+            answer[0] = {"ckpt": None, "warnings": [], "damaged": [], "error": str(err)}
         for line in answer[0]["warnings"]:
             print(line, flush=True)
     dist.broadcast_object_list(answer, src=0)
     if answer[0]["error"]:
         raise CheckpointError(answer[0]["error"])
-    return Path(answer[0]["ckpt"]) if answer[0]["ckpt"] else None
+    return (Path(answer[0]["ckpt"]) if answer[0]["ckpt"] else None), answer[0]["damaged"]
 
 
 def agree_on_saved_checkpoints(root: Path) -> list[str]:

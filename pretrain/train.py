@@ -214,6 +214,8 @@ class Trainer:
     resumed_at: tuple[int, int] = (0, 0)
     """(step, consumed tokens) of the checkpoint this run continues: the tokens per step may differ
     from this run's (another DP size or batch), so tokens are counted on from there."""
+    damaged_checkpoints: set[str] = field(default_factory=set)
+    """Checkpoints a resume passed over because they do not verify: keep_last does not count them."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -245,7 +247,8 @@ class Trainer:
         }
         start = time.perf_counter()
         path = checkpoint.save(self.engine, Path(self.cfg.run.dir) / "checkpoints", self.step, meta,
-                               self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last, self.damaged_checkpoints)
+        self.damaged_checkpoints.discard(path.name)  # saved anew over the damaged one
         if self.dims.is_main:
             size = sum(f.stat().st_size for f in path.iterdir())
             log(self.dims, f"checkpoint saved: {path} ({time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB)")
@@ -401,7 +404,8 @@ class Trainer:
         streak; the steps run after it until the metrics were read are undone too."""
         root = Path(self.cfg.run.dir) / "checkpoints"
         read_at = self.step
-        ckpt = agree_on_checkpoint(root)
+        ckpt, damaged = agree_on_checkpoint(root)
+        self.damaged_checkpoints.update(damaged)
         if ckpt is None:
             raise DivergedError(f"{self.cfg.train.guard.max_bad_steps} bad steps in a row at step {bad_step} and no "
                                 "checkpoint to roll back to; lower optim.lr or save earlier (checkpoint.interval)")
@@ -473,7 +477,8 @@ def resume(trainer: Trainer) -> str:
         raise ConfigError(f"config error: checkpoint.resume=false but {root} holds checkpoints "
                           f"({', '.join(saved[-2:])}); starting over would overwrite them: use another run.dir, "
                           "or delete them first")
-    latest = agree_on_checkpoint(root) if cfg.checkpoint.resume else None
+    latest, damaged = agree_on_checkpoint(root) if cfg.checkpoint.resume else (None, [])
+    trainer.damaged_checkpoints.update(damaged)
     start = time.perf_counter()
     if latest is not None:
         manifest = checkpoint.load(trainer.engine, latest, model_cfg, verified=True)

@@ -100,6 +100,33 @@ def test_keep_last_never_deletes_the_last_verified_checkpoint(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004"]
 
 
+def _resume_past_a_damaged_checkpoint(run_dir: str) -> None:
+    from megatron.core import parallel_state
+
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    keep2 = [*TINY, "parallel.zero_stage=1", "checkpoint.keep_last=2", f"run.dir={run_dir}"]
+    build(compose([*keep2, "checkpoint.interval=2", "train.max_steps=6"], world_size=1)).run()
+    optim = Path(run_dir) / "checkpoints" / "step_00000006" / "optim-00000-of-00001.safetensors"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optim.write_bytes(bytes(data))
+    parallel_state.destroy_model_parallel()
+    # resumes from step 4 past the damaged step 6, then saves at step 5 (a step the damage never had)
+    build(compose([*keep2, "checkpoint.interval=5", "train.max_steps=5"], world_size=1)).run()
+
+
+def test_keep_last_counts_only_checkpoints_that_verify_after_a_resume_passed_one_over(tmp_path: Path, capfd) -> None:
+    run_dir = tmp_path / "run"
+    run_distributed(_resume_past_a_damaged_checkpoint, 1, str(run_dir))
+    assert "warning: resuming from" in capfd.readouterr().out
+    ckpts = run_dir / "checkpoints"
+    # keep_last=2 keeps two good ones (4 and 5); the damaged step 6 stays, untouched, for inspection
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000005", "step_00000006"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000005"
+
+
 def _launch(run_dir: Path, *overrides: str, timeout: float = HUNG) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "launch", *TINY, "launcher.nproc_per_node=2",

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -176,15 +177,16 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
-def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
+def newest_verified(root: Path) -> tuple[Path | None, list[str], list[str]]:
     """The checkpoint to resume from: `latest` if it verifies, else the newest older one that does.
 
     Returns (checkpoint or None when there is none at all, warnings: one line per checkpoint passed
-    over). Raises CheckpointError when checkpoints exist but none verifies. Reads every file of each
-    candidate (the sha256 check), so call it on one rank and broadcast the answer.
+    over, the names of the checkpoints passed over). Raises CheckpointError when checkpoints exist but
+    none verifies. Reads every file of each candidate (the sha256 check), so call it on one rank and
+    broadcast the answer.
     """
     if not root.is_dir():
-        return None, []
+        return None, [], []
     candidates, warnings, bad = [], [], None
     try:
         latest = latest_checkpoint(root)
@@ -195,21 +197,22 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
         candidates = [latest] + [p for p in steps if p.name < latest.name]
     else:
         candidates = steps
-    passed_over = 0
+    passed_over: list[str] = []
     for ckpt in candidates:
         try:
             verify_checkpoint(ckpt)
         except CheckpointError as err:
-            bad, passed_over = bad or str(err), passed_over + 1
+            bad = bad or str(err)
+            passed_over.append(ckpt.name)
             continue
         if bad:
-            more = f" ({passed_over} newer checkpoints do not verify)" if passed_over > 1 else ""
+            more = f" ({len(passed_over)} newer checkpoints do not verify)" if len(passed_over) > 1 else ""
             warnings.append(f"warning: resuming from {ckpt} instead of the newest checkpoint{more}: {bad}")
-        return ckpt, warnings
+        return ckpt, warnings, passed_over
     if bad:
         raise CheckpointError(f"no checkpoint in {root} verifies ({bad}); start over in another run.dir, or "
                               "move the damaged checkpoints out of it (nothing was deleted)")
-    return None, warnings
+    return None, warnings, passed_over
 
 
 def verify_files(ckpt: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
@@ -269,7 +272,7 @@ def remove_interrupted(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, damaged: Collection[str] = ()) -> None:
     """Delete the oldest complete checkpoints beyond keep_last, never the one `latest` names and
     never the newest one that verifies.
 
@@ -277,12 +280,15 @@ def prune(root: Path, keep_last: int) -> None:
     the kept, and is never mistaken for the newest. Before anything is deleted the kept ones are
     verified newest first (sha256 of every file; normally only the checkpoint just written, from
     the page cache): if none of them verifies, the newest older one that does is kept too, so a
-    damaged disk never leaves a run with nothing to resume from.
+    damaged disk never leaves a run with nothing to resume from. `damaged` names checkpoints already
+    known not to verify (those a resume passed over): they neither count among the kept nor are
+    deleted here, so keep_last good ones remain and the damaged ones stay for the user to inspect.
     """
     if keep_last <= 0:
         return
     latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
-    done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").exists())
+    damaged = set(damaged) - {latest}
+    done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").exists() and p.name not in damaged)
     old, kept = done[:-keep_last], done[-keep_last:]
     if not old:
         return

@@ -26,6 +26,7 @@ TP=2 ZeRO-3, including the checksums.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,9 @@ def assign_writers(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
-def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` under root atomically and point `latest` at it; collective.
+def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int, damaged: Collection[str] = ()) -> Path:
+    """Write checkpoint `step` under root atomically, point `latest` at it and prune (`damaged`: see
+    format.prune); collective.
 
     meta["tokenizer"] may name the dataset directory ({"dataset_dir": ...}); its tokenizer file is
     copied into the checkpoint so Hugging Face export works after the dataset has moved.
@@ -134,7 +136,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) ->
                 tmp.rename(final)
             fsync_dir(root)
             write_latest(root, name)
-            prune(root, keep_last)
+            prune(root, keep_last, damaged)
         except OSError as err:
             errors = [f"rank 0: {err}"]
     outcome: list[Any] = [errors]
