@@ -80,8 +80,11 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     at most the rank's parameter count. tests/test_memory_plan.py checks the fp32 terms and bf16
     ZeRO-0 against tensor bytes on CPU; tests/test_gpu.py the bf16 totals against CUDA's peak.
     Activations follow the Megatron estimate of ~34*s*b*h bytes per layer with flash attention
-    (no s^2 score matrix), divided by tp under sequence parallelism; under autocast the two norms
-    of a layer keep their fp32 inputs (the residual stream stays fp32), 4*s*b*h bytes more. Full
+    (no s^2 score matrix): TP divides 24 of them, sequence parallelism the other 10 too; under
+    autocast the two norms of a layer keep their fp32 inputs (the residual stream stays fp32), 4*s*b*h
+    bytes more, divided like those 10. tests/test_memory_plan.py checks activations, logits and casts
+    against the bytes autograd saves on CPU. Selective recompute drops the SwiGLU product and attention's
+    output (ffn + hidden values a token, divided by tp). Full
     recompute keeps one layer's worth plus each layer's input. The loss holds the micro-batch's
     logits (vocab/tp per token) in the compute dtype plus an fp32 copy for the softmax; compiled
     (model.compile on one TP rank) it keeps no fp32 copy, and writes their gradient in the compute
@@ -108,13 +111,18 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
         # capped at the rank's parameters, as pretrain.parallel.engine caps the bucket it asks for
         buckets = min(cfg.parallel.reduce_bucket_size, p) * (2 if weights16 else 4) * (2 if overlap_comm(cfg) else 1)
     t, m = cfg.train, cfg.model
-    per_layer = (34 * (2 if bf16 else 4) / 2 + (4 if autocast else 0)) * t.seq_len * t.micro_batch_size * m.hidden_size
-    per_layer /= tp if cfg.parallel.sequence_parallel else 1
+    sbh, unit = t.seq_len * t.micro_batch_size * m.hidden_size, (2 if bf16 else 4) / 2
+    # Megatron's split of the 34: 24 sbh inside attention and the MLP, which TP splits; 10 sbh at the
+    # layer's edges (norm and projection inputs), whole on every TP rank unless sequence parallelism splits them.
+    edges, inner = (10 * unit + (4 if autocast else 0)) * sbh, 24 * unit * sbh / tp
+    per_layer = (edges / tp if cfg.parallel.sequence_parallel else edges) + inner
+    compute = 2 if bf16 else 4
+    if m.activation_checkpointing == "selective":  # the SwiGLU product and attention's output are recomputed
+        per_layer -= t.seq_len * t.micro_batch_size * (m.ffn_size + m.hidden_size) * compute / tp
     if m.activation_checkpointing == "full":
         activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
     else:
         activations = per_layer * m.num_layers
-    compute = 2 if bf16 else 4
     # train.device as pretrain.parallel.groups.resolve_device reads it, without its error for a CUDA run
     # planned on a host that has no GPU (and without loading megatron-core, which that module imports)
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())

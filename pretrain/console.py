@@ -114,7 +114,9 @@ def describe_run(cfg: Config, *, world_size: int, tp: int, dp: int, device: str,
         layout=(f"{world_size} rank(s) on {device} = tp {tp} x dp {dp} | ZeRO-{zero_stage}"
                 + (f" (parallel.zero_stage={cfg.parallel.zero_stage}: nothing to shard on one data-parallel rank)"
                    if zero_stage != cfg.parallel.zero_stage else "")
-                + (" | sequence parallel" if cfg.parallel.sequence_parallel else "")
+                + ((" | sequence parallel" if tp > 1 else
+                    " (parallel.sequence_parallel=true: nothing to split over one TP rank, so it is off)")
+                   if cfg.parallel.sequence_parallel else "")
                 + (f" | activation checkpointing {m.activation_checkpointing}"
                    if m.activation_checkpointing != "none" else "")),
         tokens_per_step=(f"{tokens_per_step:,} tokens/step = {t.micro_batch_size} seqs x {t.seq_len} tokens x "

@@ -350,7 +350,7 @@ class Trainer:
                 break
         stop.close()
         sinks.progress.close()
-        if cfg.train.sample_tokens and self.step == cfg.train.max_steps and cfg.parallel.sequence_parallel:
+        if cfg.train.sample_tokens and self.step == cfg.train.max_steps and cfg.parallel.sequence_parallel and dims.tp > 1:
             # Sequence parallelism splits the sequence over TP ranks, so a prompt of any length cannot run.
             log(dims, "no end-of-run sample: generation does not run with parallel.sequence_parallel=true; "
                       "sample the checkpoint with tools/generate.py")

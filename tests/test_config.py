@@ -85,3 +85,17 @@ def test_launch_rejects_bad_config_before_starting_workers(tmp_path: Path, overr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert not run_dir.exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_startup_block_says_sequence_parallelism_is_off_on_one_tp_rank(tp: int, tmp_path: Path) -> None:
+    from pretrain.console import describe_run
+
+    cfg = compose(["model=tiny", "parallel.sequence_parallel=true", f"parallel.tp={tp}"], world_size=2)
+    info = describe_run(cfg, world_size=2, tp=tp, dp=2 // tp, device="cpu", zero_stage=0, parameters=1,
+                        tokens_per_step=1, grad_accum=1, precision="fp32", attention="sdpa", compiled=False,
+                        data_dir=tmp_path, start="step 0")
+    if tp == 1:
+        assert info.layout.endswith("(parallel.sequence_parallel=true: nothing to split over one TP rank, so it is off)")
+    else:
+        assert info.layout.endswith("| sequence parallel")

@@ -1,9 +1,10 @@
 """The memory planner (`python -m launch --dry-run`'s per-rank estimate, launch/plan.py) against the
 bytes the tensors of a real run hold on CPU, component by component: weights, gradients (with
 ZeRO-3's reduce bucket) and optimizer state, within 15%, measured right before the optimizer step,
-when gradients and optimizer state are all allocated. Activations and the loss's logits are not
-compared: on CPU nothing records a peak, and by then they are freed (so are autocast's bf16 weight
-copies, the plan's "casts"). bf16 is checked at ZeRO-0 only (autocast over fp32 weights):
+when gradients and optimizer state are all allocated; and activations, the loss's logits and
+autocast's bf16 weight copies (the plan's "casts") against the bytes autograd saves for the backward
+during a micro-batch's forward, in TP layouts with and without sequence parallelism and selective
+recompute (compiled blocks, the default). bf16 is checked at ZeRO-0 only (autocast over fp32 weights):
 the bf16 ZeRO 1-3 gradient terms are fitted to CUDA's peak, which holds transient copies that a
 snapshot of live tensors does not see; tests/test_gpu.py compares those totals with CUDA's peak."""
 
@@ -134,3 +135,61 @@ def test_the_logits_term_follows_the_loss_that_runs(tp: int) -> None:
         assert bytes_per_logit(f"train.precision={precision}", "model.compile=false") == pytest.approx(
             6 if precision == "bf16" else 8)
         assert bytes_per_logit(f"train.precision={precision}", "model.compile=true") == pytest.approx(compiled_bytes)
+
+
+# One DP rank or two, TP with and without sequence parallelism, autocast's casts, selective recompute.
+SAVED_SHAPE = ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=4",
+               "train.seq_len=128", "train.micro_batch_size=4", "model.compile=true"]
+SAVED_LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+                 "tp2-bf16-autocast": ["parallel.tp=2", "train.precision=bf16"],
+                 "tp1-bf16-selective": ["train.precision=bf16", "model.activation_checkpointing=selective"]}
+
+
+def _saved_for_backward(run_dir: str) -> dict[str, tuple[float, float]]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from launch.plan import make_plan
+    from pretrain.config import compose
+    from pretrain.train import build
+
+    out = {}
+    for name, layout in SAVED_LAYOUTS.items():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        base = [o for o in TINY if not (o.startswith("train.precision=") and any("precision" in x for x in layout))]
+        cfg = compose([*base, *SAVED_SHAPE, *layout, "train.max_steps=1", "train.sample_tokens=0",
+                       f"run.dir={run_dir}/{name}"], world_size=2)
+        trainer = build(cfg)
+        engine = trainer.engine
+        weights = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+        saved: list[torch.Tensor] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        batch = next(iter(trainer.loader))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = engine(batch.input_ids, batch.labels, batch.position_ids)
+        held = {k: v for k, v in storage_bytes(saved).items() if k not in weights}
+        engine.backward(loss)
+        cfg.launcher.nproc_per_node = dist.get_world_size()
+        plan = make_plan(cfg).memory_gib
+        out[name] = (sum(held.values()) / 1024**2, (plan["activations"] + plan["logits"] + plan["casts"]) * 1024)
+        del trainer, engine, saved, loss
+        gc.collect()
+    return out
+
+
+def test_activations_logits_and_casts_match_what_autograd_saves(tmp_path) -> None:
+    """The plan's activation formula (Megatron's 34 sbh split by what TP and SP divide, minus what
+    selective recompute drops) and its logits and casts terms, against the bytes the forward hands
+    autograd: the weights themselves excluded, views of one buffer counted once. fp32 layouts have
+    fp32 weights; bf16 with tp 2 runs autocast over fp32 weights (one DP rank: ZeRO-0), so the bf16
+    weight copies count; bf16 with tp 1 runs ZeRO-1's bf16 weights."""
+    results = run_distributed(_saved_for_backward, 2, str(tmp_path))[0]
+    for name, (measured, planned) in results.items():
+        print(f"{name}: autograd holds {measured:.2f} MiB, plan {planned:.2f} MiB")
+    for name, (measured, planned) in results.items():
+        assert abs(planned - measured) <= 0.15 * measured, f"{name}: plan {planned:.2f} MiB, saved {measured:.2f} MiB"
