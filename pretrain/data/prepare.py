@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
@@ -315,7 +316,9 @@ def prepare_dataset(
 def megatron_documents(prefix: str, eos: int, vocab: int) -> Iterator[tuple[str, np.ndarray]]:
     """(doc_id, tokens + EOS) of a Megatron-LM / GPT-NeoX indexed dataset (PREFIX.bin + PREFIX.idx),
     read with megatron-core's own IndexedDataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    with warnings.catch_warnings():  # its import warns that optional CUDA extensions are absent; none is used
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
         raise DatasetError(f"{prefix}: expected {prefix}.bin and {prefix}.idx (a Megatron indexed dataset prefix)")
