@@ -76,22 +76,29 @@ class MeasureAtTheOptimizerStep:
                       "grads": sum(rest.values())}
 
 
-def _measure(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
-    import torch.distributed as dist
+def _trainer_in(layout: list[str], shape: list[str], steps: int, run_dir: str):
+    """A fresh 2-rank trainer of the given shape and layout (the layout's precision over TINY's)."""
     from megatron.core import parallel_state
 
-    from launch.plan import make_plan
     from pretrain.config import compose
     from pretrain.train import build
 
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    base = [o for o in TINY if not (o.startswith("train.precision=") and any("precision" in x for x in layout))]
+    return build(compose([*base, *shape, *layout, f"train.max_steps={steps}", "train.sample_tokens=0",
+                          f"run.dir={run_dir}"], world_size=2))
+
+
+def _measure(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
+    import torch.distributed as dist
+
+    from launch.plan import make_plan
+
     out = {}
     for name, layout in LAYOUTS.items():
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        base = [o for o in TINY if not (o.startswith("train.precision=") and any("precision" in x for x in layout))]
-        cfg = compose([*base, *SHAPE, *layout, "train.max_steps=2", "train.sample_tokens=0",
-                       f"run.dir={run_dir}/{name}"], world_size=2)
-        trainer = build(cfg)
+        trainer = _trainer_in(layout, SHAPE, 2, f"{run_dir}/{name}")
+        cfg = trainer.cfg
         hook = MeasureAtTheOptimizerStep(trainer.engine, step=2)
         trainer.run()
         cfg.launcher.nproc_per_node = dist.get_world_size()
@@ -147,20 +154,13 @@ SAVED_LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "tp2-sp": ["parallel.tp=2"
 
 def _saved_for_backward(run_dir: str) -> dict[str, tuple[float, float]]:
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from launch.plan import make_plan
-    from pretrain.config import compose
-    from pretrain.train import build
 
     out = {}
     for name, layout in SAVED_LAYOUTS.items():
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        base = [o for o in TINY if not (o.startswith("train.precision=") and any("precision" in x for x in layout))]
-        cfg = compose([*base, *SAVED_SHAPE, *layout, "train.max_steps=1", "train.sample_tokens=0",
-                       f"run.dir={run_dir}/{name}"], world_size=2)
-        trainer = build(cfg)
+        trainer = _trainer_in(layout, SAVED_SHAPE, 1, f"{run_dir}/{name}")
+        cfg = trainer.cfg
         engine = trainer.engine
         weights = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
         saved: list[torch.Tensor] = []
