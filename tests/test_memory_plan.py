@@ -144,12 +144,13 @@ def test_the_logits_term_follows_the_loss_that_runs(tp: int) -> None:
         assert bytes_per_logit(f"train.precision={precision}", "model.compile=true") == pytest.approx(compiled_bytes)
 
 
-# One DP rank or two, TP with and without sequence parallelism, autocast's casts, selective recompute.
+# TP with and without sequence parallelism; autocast's casts with selective recompute. (TP 1 without
+# selective recompute is checked against CUDA's peak in tests/test_gpu.py; each layout here compiles anew.)
 SAVED_SHAPE = ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=4",
                "train.seq_len=128", "train.micro_batch_size=4", "model.compile=true"]
-SAVED_LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-                 "tp2-bf16-autocast": ["parallel.tp=2", "train.precision=bf16"],
-                 "tp1-bf16-selective": ["train.precision=bf16", "model.activation_checkpointing=selective"]}
+SAVED_LAYOUTS = {"tp2": ["parallel.tp=2"], "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+                 "tp2-bf16-autocast-selective": ["parallel.tp=2", "train.precision=bf16",
+                                                 "model.activation_checkpointing=selective"]}
 
 
 def _saved_for_backward(run_dir: str) -> dict[str, tuple[float, float]]:
@@ -185,9 +186,8 @@ def _saved_for_backward(run_dir: str) -> dict[str, tuple[float, float]]:
 def test_activations_logits_and_casts_match_what_autograd_saves(tmp_path) -> None:
     """The plan's activation formula (Megatron's 34 sbh split by what TP and SP divide, minus what
     selective recompute drops) and its logits and casts terms, against the bytes the forward hands
-    autograd: the weights themselves excluded, views of one buffer counted once. fp32 layouts have
-    fp32 weights; bf16 with tp 2 runs autocast over fp32 weights (one DP rank: ZeRO-0), so the bf16
-    weight copies count; bf16 with tp 1 runs ZeRO-1's bf16 weights."""
+    autograd: the weights themselves excluded, views of one buffer counted once. bf16 with tp 2 runs
+    autocast over fp32 weights (one DP rank: ZeRO-0), so the bf16 weight copies count."""
     results = run_distributed(_saved_for_backward, 2, str(tmp_path))[0]
     for name, (measured, planned) in results.items():
         print(f"{name}: autograd holds {measured:.2f} MiB, plan {planned:.2f} MiB")
