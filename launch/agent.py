@@ -90,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[lifetime.AGENT_PID_ENV] = str(os.getpid())  # the workers die with this process
     # By default the workers of every restart share the rendezvous's TCPStore, where the previous
     # group's keys remain: after an elastic restart gloo then connects to the dead workers'
-    # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # addresses ("Gloo connectFullMesh failed ... Connection refused"). A store per attempt avoids it,
+    # but its port is one the agent found free and let go, which worker rank 0 binds seconds later: on
+    # a busy host another socket can take it in between (EADDRINUSE). So only runs that can restart get
+    # a store per attempt (where that race costs one restart); the others share the agent's store,
+    # which already listens.
+    if _option(argv, "max_restarts", "0") not in ("", "0"):
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun would set 1 thread per worker (with a warning banner); give each worker its share of
     # this node's cores instead, which is what a CPU run needs and harmless on GPU nodes.
     nproc = _option(argv, "nproc_per_node", "1")

@@ -247,3 +247,18 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_workers_join_the_agents_store_unless_the_run_can_restart(tmp_path):
+    """Without restarts the workers use the agent's TCPStore, which already listens, so no port is
+    left free between the agent choosing it and worker rank 0 binding it (another socket took it
+    once under load: EADDRINUSE). Runs that can restart get a fresh store per attempt instead."""
+    script = tmp_path / "report.py"
+    script.write_text("import os\nprint('agent store:', os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    for restarts, expected in (("0", "True"), ("1", "False")):
+        out = subprocess.run([sys.executable, "-m", "launch.agent", "--standalone", "--nproc_per_node=1",
+                              f"--max_restarts={restarts}", str(script)],
+                             capture_output=True, text=True, cwd=REPO, timeout=HUNG, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"agent store: {expected}" in out.stdout, (restarts, out.stdout, out.stderr[-2000:])
