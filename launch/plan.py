@@ -120,7 +120,7 @@ def estimate_memory_gib(cfg: Config, params: int, dp: int, bf16: bool) -> dict[s
     if m.activation_checkpointing == "selective":  # the SwiGLU product and attention's output are recomputed
         per_layer -= t.seq_len * t.micro_batch_size * (m.ffn_size + m.hidden_size) * compute / tp
     if m.activation_checkpointing == "full":
-        activations = per_layer + m.num_layers * t.seq_len * t.micro_batch_size * m.hidden_size * 4
+        activations = per_layer + m.num_layers * sbh * 4
     else:
         activations = per_layer * m.num_layers
     # train.device as pretrain.parallel.groups.resolve_device reads it, without its error for a CUDA run
